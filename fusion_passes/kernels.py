@@ -98,3 +98,10 @@ def load_error() -> str | None:
 def has_cuda_kernel(op: str) -> bool:
     """Whether ``fusion_passes::op`` has a kernel registered for the CUDA key."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusion_passes::{op}", "CUDA")
+
+
+def set_router_gemm_max_tokens(max_tokens: int) -> None:
+    """Token count up to which router_gemm uses its own kernel (-1: the measured default).
+    A no-op where the kernels are not loaded (the reference has no threshold)."""
+    if load() and hasattr(torch.ops.fusion_passes, "_router_gemm_set_max_tokens"):
+        torch.ops.fusion_passes._router_gemm_set_max_tokens(max_tokens)

@@ -186,7 +186,7 @@ def topk_routing_reference(logits, k, scoring="softmax", renormalize=True, corre
     key = score.masked_fill(~valid, float("-inf"))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     # Invalid entries all carry -inf, so the stable sort keeps them in index order too.
-    ids = order[:, :k]
+    ids = order[:, :k].contiguous()
     weights = p.gather(1, ids)
     if renormalize:
         total = weights.sum(dim=-1, keepdim=True)

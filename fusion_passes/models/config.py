@@ -1,0 +1,178 @@
+"""Configs of the built-in tiny decoder models and the registry that names them.
+
+The sizes are tiny so CPU compiles stay fast, but every config keeps the structure
+of the real model it is named after (norm form, router, routing arithmetic, shared
+expert, padded MoE output), because that structure is what graph passes match.
+
+Head counts and intermediate sizes are multiples of 8 so tensor parallelism works
+at world sizes 2, 4 and 8 (key/value heads may be fewer: they are replicated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+NormKind = Literal["hf", "gpt_oss", "functional"]
+RoutingKind = Literal["topk_softmax", "softmax_topk", "sigmoid_bias"]
+SoftmaxUpcast = Literal["dtype_arg", "float_call"]
+
+NORM_KINDS = ("hf", "gpt_oss", "functional")
+ROUTING_KINDS = ("topk_softmax", "softmax_topk", "sigmoid_bias")
+SOFTMAX_UPCASTS = ("dtype_arg", "float_call")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """A routed mixture-of-experts block of SwiGLU experts.
+
+    routing:
+      "topk_softmax"  gpt-oss: top-k of the logits, softmax over the k picked.
+      "softmax_topk"  Qwen3-MoE / Mixtral: softmax over all experts in fp32, top-k,
+                      optionally renormalised to sum to 1.
+      "sigmoid_bias"  DeepSeek-V3 (no expert groups): sigmoid scores, top-k of
+                      score + e_score_correction_bias, weights are the unbiased
+                      scores, renormalised and scaled by routed_scaling_factor.
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of each expert
+    routing: RoutingKind
+    router_bias: bool = False
+    # "softmax_topk" only: divide the top-k probabilities by their sum.
+    renormalize: bool = True
+    # "softmax_topk" only: how logits reach fp32. "dtype_arg" is Qwen3-MoE's
+    # softmax(logits, dtype=torch.float); "float_call" is Mixtral's softmax(logits.float()).
+    softmax_upcast: SoftmaxUpcast = "dtype_arg"
+    # "sigmoid_bias" only.
+    routed_scaling_factor: float = 1.0
+    # Intermediate size of an always-on dense expert added to the output (0: none).
+    shared_expert_intermediate_size: int = 0
+    # The experts' down projection writes hidden_size rounded up to this multiple
+    # (zero-padded weights) and the block slices back afterwards, as gpt-oss does.
+    output_pad_multiple: int = 1
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTING_KINDS:
+            raise ValueError(f"routing must be one of {ROUTING_KINDS}, got {self.routing!r}")
+        if self.softmax_upcast not in SOFTMAX_UPCASTS:
+            raise ValueError(
+                f"softmax_upcast must be one of {SOFTMAX_UPCASTS}, got {self.softmax_upcast!r}"
+            )
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.shared_expert_intermediate_size and self.output_pad_multiple > 1:
+            raise ValueError("a shared expert together with a padded MoE output is not supported")
+
+    def padded_size(self, hidden_size: int) -> int:
+        """Width of the experts' (possibly padded) output."""
+        multiple = self.output_pad_multiple
+        return -(-hidden_size // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A pre-norm decoder; `moe=None` means every layer has a dense SwiGLU MLP."""
+
+    name: str
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int = 128
+    norm: NormKind = "hf"
+    norm_eps: float = 1e-6
+    intermediate_size: int = 128  # of the dense MLP; unused when moe is set
+    moe: Optional[MoEConfig] = None
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORM_KINDS:
+            raise ValueError(f"norm must be one of {NORM_KINDS}, got {self.norm!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+
+MODELS: dict[str, ModelConfig] = {
+    cfg.name: cfg
+    for cfg in (
+        ModelConfig(
+            name="gpt-oss",
+            hidden_size=80,  # not a multiple of 256, so the padded MoE output matters
+            num_heads=8,
+            num_kv_heads=2,
+            head_dim=16,
+            norm="gpt_oss",
+            norm_eps=1e-5,
+            moe=MoEConfig(
+                num_experts=8,
+                top_k=4,
+                intermediate_size=32,
+                routing="topk_softmax",
+                router_bias=True,
+                output_pad_multiple=256,
+            ),
+        ),
+        ModelConfig(
+            name="qwen3-moe",
+            hidden_size=64,
+            num_heads=8,
+            num_kv_heads=4,
+            head_dim=16,
+            norm="hf",
+            moe=MoEConfig(
+                num_experts=16,
+                top_k=4,
+                intermediate_size=32,
+                routing="softmax_topk",
+                renormalize=True,
+                softmax_upcast="dtype_arg",
+            ),
+        ),
+        ModelConfig(
+            name="mixtral",
+            hidden_size=64,
+            num_heads=8,
+            num_kv_heads=4,
+            head_dim=16,
+            norm="functional",
+            norm_eps=1e-5,
+            moe=MoEConfig(
+                num_experts=8,
+                top_k=2,
+                intermediate_size=32,
+                routing="softmax_topk",
+                renormalize=True,
+                softmax_upcast="float_call",
+            ),
+        ),
+        ModelConfig(
+            name="deepseek-v3",
+            hidden_size=64,
+            num_heads=8,
+            num_kv_heads=8,
+            head_dim=16,
+            norm="hf",
+            moe=MoEConfig(
+                num_experts=16,
+                top_k=4,
+                intermediate_size=32,
+                routing="sigmoid_bias",
+                routed_scaling_factor=2.5,
+                shared_expert_intermediate_size=32,
+            ),
+        ),
+        ModelConfig(
+            name="llama",
+            hidden_size=64,
+            num_heads=8,
+            num_kv_heads=4,
+            head_dim=16,
+            norm="hf",
+            norm_eps=1e-5,
+            intermediate_size=128,
+        ),
+    )
+}

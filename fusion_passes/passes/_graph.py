@@ -1,0 +1,196 @@
+"""Graph helpers the passes share: recognising the forms ops take in Inductor's
+post-grad graph, and inserting replacement nodes with their fake values.
+
+The post-grad graph is ATen after Inductor's decompositions, so a softmax arrives
+either as ``aten._softmax`` or decomposed (``amax, sub, exp, sum, div``, with a
+``convert_element_type`` around it for low-precision inputs), ``t()`` arrives as
+``permute(w, [1, 0])``, and the all-reduce as ``_c10d_functional.all_reduce`` +
+``wait_tensor``. These helpers read those forms; they never rely on node names.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx import Graph, Node
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def is_call(node, *targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def fake(node) -> torch.Tensor | None:
+    """The node's fake value (a FakeTensor), if it is a single tensor."""
+    value = node.meta.get("val") if isinstance(node, Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def arg(node: Node, index: int, name: str, default=None):
+    """Positional-or-keyword argument of a call node."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def is_last_dim(dim, ndim: int) -> bool:
+    return isinstance(dim, int) and dim in (-1, ndim - 1)
+
+
+def reduces_last_dim(dims, ndim: int) -> bool:
+    """``dims`` of a reduction (a list like [-1]) name exactly the last dim."""
+    return isinstance(dims, (list, tuple)) and len(dims) == 1 and is_last_dim(dims[0], ndim)
+
+
+def getitem_users(node: Node) -> dict[int, Node]:
+    """For a multi-output node: output index -> its getitem node."""
+    return {user.args[1]: user for user in node.users if is_call(user, operator.getitem)}
+
+
+def convert_dtype(node) -> torch.dtype | None:
+    """The target dtype if ``node`` is a dtype conversion (prims or aten form)."""
+    if is_call(node, prims.convert_element_type.default):
+        return node.args[1]
+    if is_call(node, aten._to_copy.default) and set(node.kwargs) <= {"dtype"} and len(node.args) == 1:
+        return node.kwargs.get("dtype")
+    return None
+
+
+def strip_upcast(node: Node) -> Node:
+    """``x`` for an exact upcast ``x.float()`` of a low-precision float, else ``node``."""
+    if convert_dtype(node) == torch.float32:
+        source = fake(node.args[0])
+        if source is not None and source.dtype in LOW_PRECISION:
+            return node.args[0]
+    return node
+
+
+def softmax_of(node: Node) -> Node | None:
+    """If ``node`` is a softmax over the last dim, the tensor it is taken of.
+
+    Recognises ``aten._softmax`` and the decomposition
+    ``div(exp(sub(x, amax(x, dim))), sum(exp(...), dim))``. An exact upcast in front of
+    the softmax is looked through, so the result may be lower precision than ``node``.
+    """
+    value = fake(node)
+    if value is None or value.dim() == 0:
+        return None
+    ndim = value.dim()
+    if is_call(node, aten._softmax.default) and is_last_dim(node.args[1], ndim):
+        return strip_upcast(node.args[0])
+    if not is_call(node, aten.div.Tensor):
+        return None
+    exp, total = node.args
+    if not (is_call(exp, aten.exp.default) and is_call(total, aten.sum.dim_IntList)):
+        return None
+    if total.args[0] is not exp or not reduces_last_dim(total.args[1], ndim) or not arg(total, 2, "keepdim", False):
+        return None
+    shifted = exp.args[0]
+    if not is_call(shifted, aten.sub.Tensor):
+        return None
+    source, row_max = shifted.args
+    if not (is_call(row_max, aten.amax.default) and row_max.args[0] is source):
+        return None
+    if not reduces_last_dim(arg(row_max, 1, "dim"), ndim) or not arg(row_max, 2, "keepdim", False):
+        return None
+    return strip_upcast(source)
+
+
+def renormalized(values: Node) -> tuple[Node, float] | None:
+    """If the only use of ``values`` is ``values / (values.sum(-1, keepdim=True) [+ eps])``,
+    return (the division node, eps)."""
+    users = list(values.users)
+    divisions = [u for u in users if is_call(u, aten.div.Tensor) and u.args[0] is values]
+    sums = [u for u in users if is_call(u, aten.sum.dim_IntList)]
+    if len(divisions) != 1 or len(sums) != 1 or len(users) != 2:
+        return None
+    division, total = divisions[0], sums[0]
+    ndim = fake(values).dim()
+    if not reduces_last_dim(total.args[1], ndim) or not arg(total, 2, "keepdim", False):
+        return None
+    denominator, eps = division.args[1], 0.0
+    if is_call(denominator, aten.add.Tensor, aten.add.Scalar) and isinstance(denominator.args[1], (int, float)):
+        denominator, eps = denominator.args[0], float(denominator.args[1])
+        if len(denominator.users) != 1:
+            return None
+    if denominator is not total:
+        return None
+    return division, eps
+
+
+def evaluate_fake(target, args: Sequence, kwargs: dict | None = None):
+    """Run ``target`` on the fake values of node arguments to get the new node's value."""
+    kwargs = kwargs or {}
+    flat = [a for a in list(args) + list(kwargs.values()) if isinstance(a, Node)]
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in flat])
+
+    def to_value(a):
+        return a.meta["val"] if isinstance(a, Node) else a
+
+    with fake_mode:
+        return target(*[to_value(a) for a in args], **{k: to_value(v) for k, v in kwargs.items()})
+
+
+def insert_call(graph: Graph, target, args: Sequence, kwargs: dict | None = None) -> Node:
+    """Insert ``target(*args)`` at the graph's current insertion point, with meta['val']."""
+    node = graph.call_function(target, tuple(args), kwargs or {})
+    node.meta["val"] = evaluate_fake(target, args, kwargs)
+    return node
+
+
+def insert_multi_output(graph: Graph, target, args: Sequence, kwargs: dict | None = None) -> list[Node]:
+    """Insert a call of an op with several outputs and one getitem per output."""
+    call = insert_call(graph, target, args, kwargs)
+    outputs = []
+    for index, value in enumerate(call.meta["val"]):
+        item = graph.call_function(operator.getitem, (call, index))
+        item.meta["val"] = value
+        outputs.append(item)
+    return outputs
+
+
+def cast_to(graph: Graph, node: Node, dtype: torch.dtype) -> Node:
+    """``node`` converted to ``dtype`` (no node when it already has it)."""
+    if fake(node).dtype == dtype:
+        return node
+    return insert_call(graph, prims.convert_element_type.default, (node, dtype))
+
+
+def replace_with(graph: Graph, old: Node, new: Node) -> None:
+    """Route every use of ``old`` to ``new``, casting to ``old``'s dtype if they differ.
+    Must be called with the insertion point before ``old``'s first user."""
+    old.replace_all_uses_with(cast_to(graph, new, fake(old).dtype))
+
+
+def erase_unused(nodes: Iterable[Node]) -> None:
+    """Erase the given nodes that are left without users, latest first, repeatedly,
+    so a replaced chain disappears whole while anything still used stays."""
+    pending = set(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(pending):
+            if not node.users and node.graph is not None:
+                node.graph.erase_node(node)
+                pending.discard(node)
+                changed = True
+
+
+def upstream(node: Node, stop: Iterable[Node]) -> set[Node]:
+    """``node`` and every node it depends on, not crossing ``stop`` nodes: the chain a
+    replacement makes dead (erase_unused keeps whatever still has other users)."""
+    stop, seen, todo = set(stop), set(), [node]
+    while todo:
+        current = todo.pop()
+        if current in seen or current in stop or not isinstance(current, Node) or current.op != "call_function":
+            continue
+        seen.add(current)
+        todo.extend(current.all_input_nodes)
+    return seen
