@@ -156,6 +156,17 @@ def insert_multi_output(graph: Graph, target, args: Sequence, kwargs: dict | Non
     return outputs
 
 
+def after_inputs(graph: Graph, inputs: Iterable[Node]) -> Node:
+    """The node to insert before so that a new node comes right after the latest of
+    ``inputs`` (and after every placeholder)."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    latest = max(inputs, key=order.__getitem__)
+    node = latest.next
+    while node.op == "placeholder":
+        node = node.next
+    return node
+
+
 def cast_to(graph: Graph, node: Node, dtype: torch.dtype) -> Node:
     """``node`` converted to ``dtype`` (no node when it already has it)."""
     if fake(node).dtype == dtype:

@@ -41,12 +41,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch.fx import Graph, Node
 
 from .. import ops
 from ..config import PassConfig
 from ._graph import (
+    after_inputs,
     aten,
     erase_unused,
     fake,
@@ -190,8 +190,11 @@ def _through_downcast(node: Node) -> Node:
 
 
 def replace(graph: Graph, found: RoutingMatch) -> None:
-    anchor = found.weights if found.weights is not None else found.ids
-    with graph.inserting_before(_first_user_position(graph, found)):
+    inputs = [found.logits] + ([found.correction_bias] if found.correction_bias is not None else [])
+    replaced = upstream(found.topk, inputs) | {n for n in (found.weights, found.ids) if n is not None}
+    if found.weights is not None:
+        replaced |= upstream(found.weights, inputs)
+    with graph.inserting_before(after_inputs(graph, inputs)):
         weights, ids = insert_multi_output(
             graph,
             ops.topk_routing,
@@ -201,17 +204,7 @@ def replace(graph: Graph, found: RoutingMatch) -> None:
             replace_with(graph, found.weights, weights)
         if found.ids is not None:
             found.ids.replace_all_uses_with(ids)
-    stop = {found.logits} | ({found.correction_bias} if found.correction_bias is not None else set())
-    erase_unused(upstream(anchor, stop) | upstream(found.topk, stop) | ({found.ids} if found.ids is not None else set()))
-
-
-def _first_user_position(graph: Graph, found: RoutingMatch) -> Node:
-    """Insert right after the later of the op's inputs, so every replaced consumer
-    comes after it."""
-    inputs = [found.logits] + ([found.correction_bias] if found.correction_bias is not None else [])
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    last_input = max(inputs, key=order.__getitem__)
-    return last_input.next
+    erase_unused(replaced)
 
 
 def apply(graph: Graph, config: PassConfig) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch.fx import Graph, Node
 
 from .. import ops
@@ -133,10 +132,11 @@ def match(node: Node, config: PassConfig) -> RouterMatch | None:
 
 
 def replace(graph: Graph, found: RouterMatch) -> None:
+    replaced = upstream(found.output, {found.x, found.weight, found.bias})
     with graph.inserting_before(found.output):
         logits = insert_call(graph, ops.router_gemm, (found.x, found.weight, found.bias))
         replace_with(graph, found.output, logits)
-    erase_unused(upstream(found.output, {found.x, found.weight, found.bias}))
+    erase_unused(replaced)
 
 
 def apply(graph: Graph, config: PassConfig) -> int:
