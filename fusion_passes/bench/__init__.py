@@ -1,2 +1,8 @@
 """Benchmarks behind ``fusion-passes bench NAME``: each module ``NAME`` (dashes become
 underscores) has ``main(argv: list[str]) -> int``."""
+
+import pkgutil
+
+
+def available() -> list[str]:
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(__path__))

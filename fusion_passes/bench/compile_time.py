@@ -1,0 +1,65 @@
+"""torch.compile wall time of a built-in model: stock Inductor vs Inductor + the passes.
+
+    fusion-passes bench compile-time --model gpt-oss --layers 4 --repeats 3
+
+Each measurement is a fresh process (cold Dynamo/Inductor state) with Inductor's
+FX-graph and autotune caches off, so both sides compile everything; the time is the
+first call of the compiled model (tracing + passes + codegen + C++/Triton compile),
+minus nothing. Runs alternate between the two backends to spread machine noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+CHILD = """
+import time, torch, fusion_passes
+from fusion_passes.models import build_model, example_inputs
+torch._inductor.config.fx_graph_cache = False
+torch._inductor.config.autotune_local_cache = False
+model = build_model({model!r}, {layers}, dtype=getattr(torch, {dtype!r}), device={device!r})
+(ids,) = example_inputs(model, 8)
+torch._dynamo.mark_dynamic(ids, 0)
+backend = "inductor" if {backend!r} == "inductor" else fusion_passes.Backend()
+start = time.perf_counter()
+with torch.no_grad():
+    torch.compile(model, backend=backend)(ids)
+print(time.perf_counter() - start)
+"""
+
+
+def measure(backend: str, args) -> float:
+    code = CHILD.format(model=args.model, layers=args.layers, dtype=args.dtype, device=args.device, backend=backend)
+    env = dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fusion-passes bench compile-time", description=__doc__)
+    parser.add_argument("--model", default="gpt-oss")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the raw times here")
+    args = parser.parse_args(argv)
+
+    times = {"inductor": [], "fusion_passes": []}
+    for _ in range(args.repeats):
+        for backend in times:
+            times[backend].append(measure(backend, args))
+    stock, ours = statistics.median(times["inductor"]), statistics.median(times["fusion_passes"])
+    print(f"{args.model}, {args.layers} layers, {args.dtype} on {args.device}, median of {args.repeats} fresh processes")
+    print(f"  backend='inductor'      {stock:7.2f} s   {times['inductor']}")
+    print(f"  backend=fusion_passes   {ours:7.2f} s   {times['fusion_passes']}")
+    print(f"  overhead                {100 * (ours / stock - 1):+6.1f} %")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "times": times, "overhead": ours / stock - 1}, f, indent=2)
+    return 0
