@@ -1,0 +1,40 @@
+"""Shared test helpers: compile with the passes and capture the rewritten graph."""
+
+from __future__ import annotations
+
+import torch
+from torch._inductor import config as inductor_config
+
+import fusion_passes
+from fusion_passes.testing import render_region
+
+
+class GraphCapture:
+    """A user post-grad pass that keeps the graphs it sees (after fusion_passes ran,
+    since the backend chains an already-installed pass after its own)."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph):
+        self.graphs.append(graph)
+
+    def uuid(self):
+        return None  # capturing must not be served from the cache
+
+
+def compile_and_run(module, *inputs, config=None, dynamic_dim0=True):
+    """(backend, compiled output, captured post-pass graphs) for ``module(*inputs)``."""
+    torch._dynamo.reset()
+    backend = fusion_passes.Backend(config or fusion_passes.PassConfig())
+    capture = GraphCapture()
+    for t in inputs:
+        if dynamic_dim0 and isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] > 1:
+            torch._dynamo.mark_dynamic(t, 0)
+    with inductor_config.patch(post_grad_custom_post_pass=capture), torch.no_grad():
+        out = torch.compile(module, backend=backend)(*inputs)
+    return backend, out, capture.graphs
+
+
+def region(graphs, *targets) -> str:
+    return "\n\n".join(render_region(g, targets) for g in graphs)

@@ -1,0 +1,233 @@
+"""router_gemm and nan_safe_routing on small modules: every form that must match, the
+numerics against eager, and the look-alikes that must not match."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from expecttest import TestCase
+
+import fusion_passes
+from fusion_passes import ops
+from helpers import compile_and_run, region
+
+H, E = 32, 8
+
+
+class Router(torch.nn.Module):
+    """A router linear followed by one of the routing forms real models use."""
+
+    def __init__(self, form, bias=False, k=2, experts=E, renormalize=True, eps=0.0):
+        super().__init__()
+        self.gate = torch.nn.Linear(H, experts, bias=bias)
+        self.form, self.k, self.renormalize, self.eps = form, k, renormalize, eps
+        self.register_buffer("correction", torch.randn(experts) * 0.1)
+
+    def forward(self, x):
+        logits = self.gate(x)
+        if logits.dim() == 3:
+            logits = logits.flatten(0, 1)
+        if self.form == "softmax_topk":  # Qwen3-MoE
+            p = torch.softmax(logits, dim=-1, dtype=torch.float)
+            w, ids = torch.topk(p, self.k, dim=-1)
+            if self.renormalize:
+                w = w / (w.sum(dim=-1, keepdim=True) + self.eps)
+            return w.to(x.dtype), ids
+        if self.form == "upcast_softmax_topk":  # Mixtral
+            p = torch.softmax(logits.float(), dim=-1)
+            w, ids = torch.topk(p, self.k, dim=-1)
+            return w / w.sum(dim=-1, keepdim=True), ids
+        if self.form == "topk_softmax":  # gpt-oss
+            v, ids = torch.topk(logits, self.k, dim=-1)
+            return torch.softmax(v, dim=1, dtype=v.dtype), ids
+        if self.form == "sigmoid_topk":
+            s = logits.float().sigmoid()
+            w, ids = torch.topk(s, self.k, dim=-1)
+            if self.renormalize:
+                w = w / w.sum(dim=-1, keepdim=True)
+            return w, ids
+        if self.form == "sigmoid_bias":  # DeepSeek-V3 without groups
+            s = logits.float().sigmoid()
+            ids = torch.topk(s + self.correction, self.k, dim=-1)[1]
+            w = s.gather(1, ids)
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+            return w * 2.5, ids
+        raise AssertionError(self.form)
+
+
+FORMS = ["softmax_topk", "upcast_softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_bias"]
+
+
+def run(module, x, **config):
+    backend, out, graphs = compile_and_run(module, x, config=fusion_passes.PassConfig(**config))
+    with torch.no_grad():
+        ref = module(x)
+    return backend.report.counts, out, ref, graphs
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_routing_form_matches_and_agrees_with_eager(form, dtype):
+    torch.manual_seed(0)
+    module = Router(form, bias=form == "topk_softmax").to(dtype)
+    x = torch.randn(7, H, dtype=dtype)
+    counts, (w, ids), (w_ref, ids_ref), _ = run(module, x)
+    assert counts["router_gemm"] == 1 and counts["nan_safe_routing"] == 1
+    assert w.dtype == w_ref.dtype and ids.dtype == ids_ref.dtype == torch.int64
+    torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(w.float(), w_ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_renormalize_on_and_off(renormalize):
+    module = Router("softmax_topk", renormalize=renormalize)
+    counts, (w, _), (w_ref, _), graphs = run(module, torch.randn(5, H))
+    assert counts["nan_safe_routing"] == 1
+    torch.testing.assert_close(w, w_ref)
+    (call,) = [n for g in graphs for n in g.nodes if n.target is ops.topk_routing]
+    assert call.args[3] is renormalize
+
+
+@pytest.mark.parametrize("shape", [(6, H), (2, 3, H)], ids=["2d", "3d"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_router_gemm_forms(shape, bias, dtype):
+    torch.manual_seed(1)
+    module = Router("softmax_topk", bias=bias).to(dtype)
+    x = torch.randn(*shape, dtype=dtype)
+    counts, (w, ids), (w_ref, ids_ref), graphs = run(module, x, nan_safe_routing=False)
+    assert counts["router_gemm"] == 1 and counts["nan_safe_routing"] == 0
+    torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
+    torch.testing.assert_close(w.float(), w_ref.float(), rtol=2e-2, atol=2e-2)
+    (call,) = [n for g in graphs for n in g.nodes if n.target is ops.router_gemm]
+    assert (call.args[2] is not None) is bias
+
+
+def test_dynamic_token_count_matches_once_for_all_sizes():
+    module = Router("softmax_topk")
+    backend = fusion_passes.Backend()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for tokens in (3, 9, 17):
+            compiled(torch.randn(tokens, H))
+    assert len(backend.report.graphs) == 1
+    assert backend.report.counts["router_gemm"] == 1 and backend.report.counts["nan_safe_routing"] == 1
+
+
+class NotRouters(torch.nn.Module):
+    """Linears and top-ks that are not MoE routing."""
+
+    def __init__(self, vocab=1000):
+        super().__init__()
+        self.proj = torch.nn.Linear(H, H)
+        self.head = torch.nn.Linear(H, vocab, bias=False)
+
+    def forward(self, x):
+        h = F.silu(self.proj(x))  # a linear that feeds no top-k
+        logits = self.head(h)  # vocab-wide: a sampler, not a router
+        v, ids = torch.topk(logits, 4, dim=-1)
+        probs = torch.softmax(v, dim=-1)  # top-k -> softmax, but over a vocabulary
+        small = h[:, :8]
+        smallest = torch.topk(small, 2, dim=-1, largest=False)  # not largest
+        first_dim = torch.topk(torch.softmax(small, dim=-1), 2, dim=0)  # not the last dim
+        raw = torch.topk(small, 2, dim=-1)  # raw values used as weights: no softmax
+        return probs, ids, smallest.values, first_dim.values, raw.values * 2
+
+
+def test_look_alikes_do_not_match():
+    counts, outs, refs, _ = run(NotRouters(), torch.randn(5, H))
+    assert counts == {name: 0 for name in fusion_passes.PASS_NAMES}
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref)
+
+
+def test_max_experts_limits_both_passes():
+    module = Router("softmax_topk", experts=16)
+    counts, *_ = run(module, torch.randn(5, H), max_experts=8)
+    assert counts["router_gemm"] == 0 and counts["nan_safe_routing"] == 0
+    counts, *_ = run(module, torch.randn(5, H), max_experts=16)
+    assert counts["router_gemm"] == 1 and counts["nan_safe_routing"] == 1
+
+
+def test_large_renormalization_eps_is_not_the_ops_guard():
+    counts, *_ = run(Router("softmax_topk", eps=1e-3), torch.randn(5, H))
+    assert counts["nan_safe_routing"] == 0
+
+
+def test_values_used_elsewhere_keep_their_meaning():
+    class ExposesRawTopValues(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(H, E, bias=False)
+
+        def forward(self, x):
+            p = torch.softmax(self.gate(x), dim=-1)
+            w, ids = torch.topk(p, 2, dim=-1)
+            return w / w.sum(-1, keepdim=True), w.max(), ids
+
+    counts, out, ref, _ = run(ExposesRawTopValues(), torch.randn(5, H))
+    assert counts["nan_safe_routing"] == 1  # matched as raw (renormalize=False) weights
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r)
+
+
+def test_nan_rows_get_distinct_ids_and_finite_weights_where_eager_does_not():
+    torch.manual_seed(0)
+    module = Router("softmax_topk", k=4)
+    x = torch.randn(4, H)
+    x[1] = float("nan")  # a padding token whose hidden state went bad
+    counts, (w, ids), (w_ref, ids_ref), _ = run(module, x)
+    assert counts["nan_safe_routing"] == 1
+    assert torch.isnan(w_ref[1]).all()  # what eager hands the MoE kernels
+    assert torch.isfinite(w).all() and (w >= 0).all()
+    assert all(len(set(row.tolist())) == 4 for row in ids)
+    assert ids[1].tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(w[1], torch.full((4,), 0.25))
+    keep = [0, 2, 3]
+    torch.testing.assert_close(ids[keep], ids_ref[keep], rtol=0, atol=0)
+    torch.testing.assert_close(w[keep], w_ref[keep])
+
+
+class GoldenRoutingGraphs(TestCase):
+    """The rewritten routing block, as the graph shows it (version-stable rendering)."""
+
+    maxDiff = None
+
+    def rewritten(self, form, dtype):
+        module = Router(form, bias=form == "topk_softmax").to(dtype)
+        _, _, _, graphs = run(module, torch.randn(5, H, dtype=dtype))
+        return region(graphs, ops.router_gemm, ops.topk_routing)
+
+    def test_qwen3_moe_form(self):
+        self.assertExpectedInline(
+            self.rewritten("softmax_topk", torch.bfloat16),
+            """\
+router_gemm_0: bf16[s, 8] = fusion_passes.router_gemm(input_1, input_0, None)
+topk_routing_0:  = fusion_passes.topk_routing(router_gemm_0, 2, 'softmax', True, None)
+getitem_0: f32[s, 2] = getitem(topk_routing_0, 0)
+getitem_1: i64[s, 2] = getitem(topk_routing_0, 1)
+convert_element_type_0: bf16[s, 2] = prims.convert_element_type(getitem_0, torch.bfloat16)""",
+        )
+
+    def test_gpt_oss_form(self):
+        self.assertExpectedInline(
+            self.rewritten("topk_softmax", torch.bfloat16),
+            """\
+router_gemm_0: bf16[s, 8] = fusion_passes.router_gemm(input_2, input_0, input_1)
+topk_routing_0:  = fusion_passes.topk_routing(router_gemm_0, 2, 'softmax', True, None)
+getitem_0: f32[s, 2] = getitem(topk_routing_0, 0)
+getitem_1: i64[s, 2] = getitem(topk_routing_0, 1)
+convert_element_type_0: bf16[s, 2] = prims.convert_element_type(getitem_0, torch.bfloat16)""",
+        )
+
+    def test_deepseek_v3_form(self):
+        self.assertExpectedInline(
+            self.rewritten("sigmoid_bias", torch.float32),
+            """\
+router_gemm_0: f32[s, 8] = fusion_passes.router_gemm(input_1, input_0, None)
+topk_routing_0:  = fusion_passes.topk_routing(router_gemm_0, 2, 'sigmoid', True, input_2)
+getitem_0: f32[s, 2] = getitem(topk_routing_0, 0)
+getitem_1: i64[s, 2] = getitem(topk_routing_0, 1)
+mul_0: f32[s, 2] = aten.mul.Tensor(getitem_0, 2.5)""",
+        )
