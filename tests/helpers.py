@@ -23,10 +23,10 @@ class GraphCapture:
         return None  # capturing must not be served from the cache
 
 
-def compile_and_run(module, *inputs, config=None, dynamic_dim0=True):
+def compile_and_run(module, *inputs, config=None, dynamic_dim0=True, codegen=True):
     """(backend, compiled output, captured post-pass graphs) for ``module(*inputs)``."""
     torch._dynamo.reset()
-    backend = fusion_passes.Backend(config or fusion_passes.PassConfig())
+    backend = fusion_passes.Backend(config or fusion_passes.PassConfig(), codegen=codegen)
     capture = GraphCapture()
     for t in inputs:
         if dynamic_dim0 and isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] > 1:
