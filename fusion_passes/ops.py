@@ -190,7 +190,7 @@ def topk_routing_reference(logits, k, scoring="softmax", renormalize=True, corre
     weights = p.gather(1, ids)
     if renormalize:
         total = weights.sum(dim=-1, keepdim=True)
-        weights = torch.where(total > 0, weights / total.clamp_min(torch.finfo(torch.float32).tiny), 1.0 / k)
+        weights = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), 1.0 / k)
     return weights, ids
 
 
