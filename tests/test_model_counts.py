@@ -96,5 +96,21 @@ class GoldenTensorParallelLayer(TestCase):
         self.assertExpectedInline(
             self.layer(),
             """\
-""",
+where_0: f32[s, 80] = aten.where.self(..., ..., ...)
+fused_allreduce_rmsnorm_0: (f32[s, 80], f32[s, 80]) = fusion_passes.fused_allreduce_rmsnorm(where_0, None, input_0, 1e-05, '0')
+getitem_0: f32[s, 80] = getitem(fused_allreduce_rmsnorm_0, 0)
+getitem_1: f32[s, 80] = getitem(fused_allreduce_rmsnorm_0, 1)
+mm_0: f32[s, 64] = aten.mm(getitem_0, ...)
+mm_1: f32[s, 16] = aten.mm(getitem_0, ...)
+mm_2: f32[s, 16] = aten.mm(getitem_0, ...)
+mm_3: f32[s, 80] = aten.mm(..., ...)
+fused_allreduce_rmsnorm_1: (f32[s, 80], f32[s, 80]) = fusion_passes.fused_allreduce_rmsnorm(mm_3, getitem_1, input_1, 1e-05, '0')
+getitem_2: f32[s, 80] = getitem(fused_allreduce_rmsnorm_1, 0)
+getitem_3: f32[s, 80] = getitem(fused_allreduce_rmsnorm_1, 1)
+router_gemm_0: f32[s, 8] = fusion_passes.router_gemm(getitem_2, ..., ...)
+unsqueeze_0: f32[1, s, 80] = aten.unsqueeze(getitem_2, 0)
+clone_0: f32[s, 80] = aten.clone(..., memory_format=torch.contiguous_format)
+fused_allreduce_rmsnorm_2: (f32[s, 80], f32[s, 80]) = fusion_passes.fused_allreduce_rmsnorm(clone_0, getitem_3, input_2, 1e-05, '0')
+getitem_4: f32[s, 80] = getitem(fused_allreduce_rmsnorm_2, 0)
+getitem_5: f32[s, 80] = getitem(fused_allreduce_rmsnorm_2, 1)""",
         )
