@@ -14,7 +14,8 @@ class PassConfig:
 
     Every field except ``dump_dir`` changes the compiled result and is hashed into the
     pass manager's ``uuid()``, so Inductor's FX-graph cache never serves a graph that
-    was compiled under another configuration.
+    was compiled under another configuration. While dumping, the cache is bypassed
+    (a cache hit would run no pass, so nothing would be dumped).
     """
 
     slice_before_allreduce: bool = True

@@ -101,6 +101,8 @@ class PassManager(CustomGraphPass):
             dump.write_stage(dump_dir, index, step, name, stage, graph)
 
     def uuid(self) -> str | None:
+        if self.config.resolved_dump_dir():
+            return None  # a cache hit would skip the passes and write no dumps
         user_uuid = None
         if self.user_pass is not None:
             user_uuid = self.user_pass.uuid() if hasattr(self.user_pass, "uuid") else None
