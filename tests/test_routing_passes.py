@@ -204,7 +204,7 @@ class GoldenRoutingGraphs(TestCase):
             self.rewritten("softmax_topk", torch.bfloat16),
             """\
 router_gemm_0: bf16[s, 8] = fusion_passes.router_gemm(input_1, input_0, None)
-topk_routing_0:  = fusion_passes.topk_routing(router_gemm_0, 2, 'softmax', True, None)
+topk_routing_0: (f32[s, 2], i64[s, 2]) = fusion_passes.topk_routing(router_gemm_0, 2, 'softmax', True, None)
 getitem_0: f32[s, 2] = getitem(topk_routing_0, 0)
 getitem_1: i64[s, 2] = getitem(topk_routing_0, 1)
 convert_element_type_0: bf16[s, 2] = prims.convert_element_type(getitem_0, torch.bfloat16)""",
@@ -215,7 +215,7 @@ convert_element_type_0: bf16[s, 2] = prims.convert_element_type(getitem_0, torch
             self.rewritten("topk_softmax", torch.bfloat16),
             """\
 router_gemm_0: bf16[s, 8] = fusion_passes.router_gemm(input_2, input_0, input_1)
-topk_routing_0:  = fusion_passes.topk_routing(router_gemm_0, 2, 'softmax', True, None)
+topk_routing_0: (f32[s, 2], i64[s, 2]) = fusion_passes.topk_routing(router_gemm_0, 2, 'softmax', True, None)
 getitem_0: f32[s, 2] = getitem(topk_routing_0, 0)
 getitem_1: i64[s, 2] = getitem(topk_routing_0, 1)
 convert_element_type_0: bf16[s, 2] = prims.convert_element_type(getitem_0, torch.bfloat16)""",
@@ -226,8 +226,31 @@ convert_element_type_0: bf16[s, 2] = prims.convert_element_type(getitem_0, torch
             self.rewritten("sigmoid_bias", torch.float32),
             """\
 router_gemm_0: f32[s, 8] = fusion_passes.router_gemm(input_1, input_0, None)
-topk_routing_0:  = fusion_passes.topk_routing(router_gemm_0, 2, 'sigmoid', True, input_2)
+topk_routing_0: (f32[s, 2], i64[s, 2]) = fusion_passes.topk_routing(router_gemm_0, 2, 'sigmoid', True, input_2)
 getitem_0: f32[s, 2] = getitem(topk_routing_0, 0)
 getitem_1: i64[s, 2] = getitem(topk_routing_0, 1)
 mul_0: f32[s, 2] = aten.mul.Tensor(getitem_0, 2.5)""",
         )
+
+
+def test_gpu_online_softmax_form():
+    """On GPUs Inductor turns amax + sum into one prepare_softmax_online reduction
+    before the passes run; the routing must still be recognised."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fusion_passes.passes import nan_safe_routing
+    from fusion_passes.passes._graph import PREPARE_SOFTMAX_ONLINE
+
+    def routing(logits):
+        row_max, total = PREPARE_SOFTMAX_ONLINE(logits, -1)
+        w, ids = torch.topk(torch.exp(logits - row_max) / total, 2)
+        return w / w.sum(-1, keepdim=True), ids
+
+    logits = torch.randn(5, E)
+    gm = make_fx(routing, tracing_mode="fake")(logits)
+    assert nan_safe_routing.apply(gm.graph, fusion_passes.PassConfig()) == 1
+    gm.recompile()
+    assert not [n for n in gm.graph.nodes if n.target in (PREPARE_SOFTMAX_ONLINE, torch.ops.aten.topk.default)]
+    (w, ids), (w_ref, ids_ref) = gm(logits), routing(logits)
+    torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
+    torch.testing.assert_close(w, w_ref)

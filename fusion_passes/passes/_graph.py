@@ -15,12 +15,15 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch._guards import detect_fake_mode
+from torch._inductor import inductor_prims
 from torch.fx import Graph, Node
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Inductor's post-grad pass rewrites amax + sum of a softmax into this on GPUs.
+PREPARE_SOFTMAX_ONLINE = inductor_prims.prepare_softmax_online
 
 
 def is_call(node, *targets) -> bool:
@@ -75,8 +78,9 @@ def strip_upcast(node: Node) -> Node:
 def softmax_of(node: Node) -> Node | None:
     """If ``node`` is a softmax over the last dim, the tensor it is taken of.
 
-    Recognises ``aten._softmax`` and the decomposition
-    ``div(exp(sub(x, amax(x, dim))), sum(exp(...), dim))``. An exact upcast in front of
+    Recognises ``aten._softmax``, the decomposition
+    ``div(exp(sub(x, amax(x, dim))), sum(exp(...), dim))``, and its online form on GPUs
+    (``max, sum = prepare_softmax_online(x, dim)``; ``div(exp(sub(x, max)), sum)``). An exact upcast in front of
     the softmax is looked through, so the result may be lower precision than ``node``.
     """
     value = fake(node)
@@ -88,17 +92,25 @@ def softmax_of(node: Node) -> Node | None:
     if not is_call(node, aten.div.Tensor):
         return None
     exp, total = node.args
-    if not (is_call(exp, aten.exp.default) and is_call(total, aten.sum.dim_IntList)):
+    if not is_call(exp, aten.exp.default) or not is_call(exp.args[0], aten.sub.Tensor):
         return None
-    if total.args[0] is not exp or not reduces_last_dim(total.args[1], ndim) or not arg(total, 2, "keepdim", False):
-        return None
-    shifted = exp.args[0]
-    if not is_call(shifted, aten.sub.Tensor):
-        return None
-    source, row_max = shifted.args
-    if not (is_call(row_max, aten.amax.default) and row_max.args[0] is source):
-        return None
-    if not reduces_last_dim(arg(row_max, 1, "dim"), ndim) or not arg(row_max, 2, "keepdim", False):
+    source, row_max = exp.args[0].args
+    if is_call(total, aten.sum.dim_IntList):
+        # amax and sum as separate reductions (Inductor's CPU graphs)
+        if total.args[0] is not exp or not reduces_last_dim(total.args[1], ndim) or not arg(total, 2, "keepdim", False):
+            return None
+        if not (is_call(row_max, aten.amax.default) and row_max.args[0] is source):
+            return None
+        if not reduces_last_dim(arg(row_max, 1, "dim"), ndim) or not arg(row_max, 2, "keepdim", False):
+            return None
+    elif is_call(total, operator.getitem) and is_call(row_max, operator.getitem):
+        # max and sum from one online-softmax reduction (Inductor's GPU graphs)
+        online = total.args[0]
+        if not (is_call(online, PREPARE_SOFTMAX_ONLINE) and row_max.args[0] is online and online.args[0] is source):
+            return None
+        if (row_max.args[1], total.args[1]) != (0, 1) or not is_last_dim(online.args[1], ndim):
+            return None
+    else:
         return None
     return strip_upcast(source)
 

@@ -40,12 +40,14 @@ only differs from the op's zero-sum guard below fp32 rounding.
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 from torch.fx import Graph, Node
 
 from .. import ops
 from ..config import PassConfig
 from ._graph import (
+    PREPARE_SOFTMAX_ONLINE,
     after_inputs,
     aten,
     erase_unused,
@@ -177,7 +179,14 @@ def _softmax_consuming(values: Node) -> Node | None:
     return None
 
 
-SOFTMAX_PIECES = (aten.amax.default, aten.sub.Tensor, aten.exp.default, aten.sum.dim_IntList)
+SOFTMAX_PIECES = (
+    aten.amax.default,
+    aten.sub.Tensor,
+    aten.exp.default,
+    aten.sum.dim_IntList,
+    PREPARE_SOFTMAX_ONLINE,
+    operator.getitem,
+)
 
 
 def _through_downcast(node: Node) -> Node:
