@@ -7,13 +7,13 @@ import sys
 
 import pytest
 import torch
+from test_routing_passes import H, Router
 from torch._inductor import config as inductor_config
 
 import fusion_passes
 from fusion_passes import cli, dump
 from fusion_passes.manager import PassManager
 from fusion_passes.testing import assert_matches
-from test_routing_passes import H, Router
 
 
 def test_by_name_backend_in_a_fresh_process():

@@ -4,10 +4,9 @@ downloaded). Skipped when transformers is not installed."""
 
 import pytest
 import torch
-
-import fusion_passes
-from fusion_passes.testing import assert_matches
 from helpers import compile_and_run
+
+from fusion_passes.testing import assert_matches
 
 transformers = pytest.importorskip("transformers")
 

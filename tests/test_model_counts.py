@@ -4,12 +4,12 @@ output against eager; the TP gpt-oss layer before and after the tensor-parallel 
 import pytest
 import torch
 from expecttest import TestCase
+from helpers import compile_and_run, region
 
 import fusion_passes
 from fusion_passes import ops
 from fusion_passes.models import MODELS, build_model, example_inputs, fake_tp_group
 from fusion_passes.testing import assert_matches
-from helpers import compile_and_run, region
 
 MOE_MODELS = [name for name in MODELS if name != "llama"]
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from expecttest import TestCase
+from helpers import compile_and_run, region
 
 import fusion_passes
 from fusion_passes import ops
-from helpers import compile_and_run, region
 
 H, E = 32, 8
 

@@ -7,12 +7,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
+from helpers import compile_and_run
 
 import fusion_passes
 from fusion_passes import ops
 from fusion_passes.models import fake_tp_group
 from fusion_passes.testing import assert_matches
-from helpers import compile_and_run
 
 H, PADDED = 80, 256
 
