@@ -19,8 +19,8 @@ from .tp import TensorParallel, all_reduce, fake_tp_group
 __all__ = [
     "MODELS",
     "DecoderLayer",
-    "ModelConfig",
     "MoEConfig",
+    "ModelConfig",
     "TensorParallel",
     "TinyDecoder",
     "all_reduce",

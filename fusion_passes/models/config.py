@@ -11,7 +11,7 @@ at world sizes 2, 4 and 8 (key/value heads may be fewer: they are replicated).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal
 
 NormKind = Literal["hf", "gpt_oss", "functional"]
 RoutingKind = Literal["topk_softmax", "softmax_topk", "sigmoid_bias"]
@@ -84,7 +84,7 @@ class ModelConfig:
     norm: NormKind = "hf"
     norm_eps: float = 1e-6
     intermediate_size: int = 128  # of the dense MLP; unused when moe is set
-    moe: Optional[MoEConfig] = None
+    moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
         if self.norm not in NORM_KINDS:

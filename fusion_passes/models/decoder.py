@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -55,7 +53,7 @@ class TinyDecoder(nn.Module):
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        tp_group: Optional[dist.ProcessGroup] = None,
+        tp_group: dist.ProcessGroup | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -89,7 +87,7 @@ def build_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    tp_group: Optional[dist.ProcessGroup] = None,
+    tp_group: dist.ProcessGroup | None = None,
     seed: int = 0,
 ) -> TinyDecoder:
     """Build the registered model `name` (a key of MODELS) with `layers` decoder layers."""

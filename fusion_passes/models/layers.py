@@ -6,8 +6,6 @@ Tensors are token-flattened ([T, hidden]); all T tokens form one causal sequence
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +32,7 @@ class WeightInit:
         """A full-size fp32 CPU tensor; convert with `param`/`buffer`/`linear`."""
         return torch.randn(shape, generator=self._generator) * std + mean
 
-    def param(self, value: torch.Tensor, dtype: Optional[torch.dtype] = None) -> nn.Parameter:
+    def param(self, value: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Parameter:
         # Inference-only models: no autograd, so compiles produce inference graphs.
         return nn.Parameter(
             value.to(device=self.device, dtype=dtype or self.dtype), requires_grad=False
@@ -43,7 +41,7 @@ class WeightInit:
     def buffer(self, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return value.to(device=self.device, dtype=dtype)
 
-    def linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Linear:
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
         """An nn.Linear holding `weight` ([out, in]) and optional `bias`."""
         out_features, in_features = weight.shape
         layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
@@ -66,7 +64,7 @@ class _RMSNorm(nn.Module):
     """Shared state of the RMSNorm forms; subclasses differ only in the arithmetic."""
 
     # dtype of the weight; None means the model dtype.
-    weight_dtype: Optional[torch.dtype] = None
+    weight_dtype: torch.dtype | None = None
 
     def __init__(self, hidden_size: int, eps: float, init: WeightInit):
         super().__init__()
@@ -172,7 +170,7 @@ class Attention(nn.Module):
         self.q_proj = init.linear(parallel.split_heads(q, cfg.num_heads))
         self.k_proj = init.linear(parallel.split_heads(k, cfg.num_kv_heads, replicate=True))
         self.v_proj = init.linear(parallel.split_heads(v, cfg.num_kv_heads, replicate=True))
-        self.o_proj = init.linear(parallel.split(o, 1, "number of attention heads"))
+        self.o_proj = init.linear(parallel.split(o, 1, "o_proj input features"))
         self.tp_group = parallel.group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -128,13 +128,17 @@ class MoE(nn.Module):
         self.padded_size = moe.padded_size(hidden)
         self.experts = Experts(moe, hidden, self.padded_size, init, parallel)
         self.shared_expert = (
-            SwiGLUMLP(hidden, moe.shared_expert_intermediate_size, init, parallel, reduce_output=False)
+            SwiGLUMLP(
+                hidden, moe.shared_expert_intermediate_size, init, parallel, reduce_output=False
+            )
             if moe.shared_expert_intermediate_size
             else None
         )
         self.tp_group = parallel.group
 
-    def route(self, logits: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(
+        self, logits: torch.Tensor, out_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, E] router logits -> (weights [T, k], expert ids [T, k])."""
         moe = self.moe_config
         if moe.routing == "topk_softmax":
@@ -157,7 +161,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)
         weights, expert_ids = self.route(logits, x.dtype)
-        combine = torch.zeros_like(logits, dtype=x.dtype).scatter(1, expert_ids, weights.to(x.dtype))
+        combine = torch.zeros_like(logits, dtype=x.dtype).scatter(
+            1, expert_ids, weights.to(x.dtype)
+        )
         out = self.experts(x, combine)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -28,12 +28,12 @@ def all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 class TensorParallel:
     """Which shard of the full weights this rank holds; `group=None` is a single device."""
 
-    group: Optional[dist.ProcessGroup] = None
+    group: dist.ProcessGroup | None = None
     rank: int = 0
     world_size: int = 1
 
     @classmethod
-    def from_group(cls, group: Optional[dist.ProcessGroup]) -> "TensorParallel":
+    def from_group(cls, group: dist.ProcessGroup | None) -> TensorParallel:
         if group is None:
             return cls()
         return cls(group, dist.get_rank(group), dist.get_world_size(group))
