@@ -11,6 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 
+from . import dump
 from .config import PASS_NAMES, PassConfig
 from .manager import PassManager, compiling_graph
 from .report import COUNTER_PREFIX, GraphReport, Report
@@ -43,6 +44,9 @@ class Backend:
         _apply_runtime_settings(self.config)
 
         index = len(self.report.graphs)
+        dump_dir = self.config.resolved_dump_dir()
+        if dump_dir and index == 0:
+            dump.clear(dump_dir)
         before = counters["inductor"].copy()
         with compiling_graph(index) as context:
             compiled = compile_fx(
@@ -57,7 +61,7 @@ class Backend:
         delta = counters["inductor"] - before
         graph_counts = {name: delta.get(COUNTER_PREFIX + name, 0) for name in PASS_NAMES}
         self.report.graphs.append(
-            GraphReport(index, graph_counts, cache_hit=not context.ran, dump_dir=self.config.resolved_dump_dir())
+            GraphReport(index, graph_counts, cache_hit=not context.ran, dump_dir=dump_dir)
         )
         _last_report = self.report
         return compiled

@@ -4,7 +4,7 @@
     fusion-passes check --model gpt-oss --layers 4 --tp 2 \\
         --expect slice_before_allreduce=4,allreduce_rmsnorm=9,router_gemm=4,nan_safe_routing=4
     fusion-passes inspect DUMP_DIR [--pass router_gemm] [--graph 0]
-    fusion-passes bench router-gemm|routing|allreduce-rmsnorm|compile-time [...]
+    fusion-passes bench compile-time|router-gemm|routing [...]
     fusion-passes build            # compile the CUDA kernels ahead of time
 """
 
@@ -175,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # e.g. `fusion-passes inspect DIR | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

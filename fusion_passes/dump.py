@@ -7,6 +7,12 @@ Layout of a dump directory::
     graph_000/00_router_gemm.after.py
     graph_000/01_nan_safe_routing.before.py
     ...
+    graph_extra_000/...              graphs compiled outside a Backend call (a backward
+                                     graph, or the pass manager installed in Inductor's
+                                     config directly)
+
+A Backend's first graph clears the dumps of an earlier compilation in the same
+directory, so the summary always describes one compilation.
 
 The same graphs are emitted as TORCH_TRACE artifacts (``fusion_passes_<pass>_before``
 / ``_after``), so ``tlparse`` shows them next to Inductor's own.
@@ -17,6 +23,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from torch._logging import trace_structured
@@ -42,23 +49,32 @@ def emit_trace(graph: Graph, pass_name: str, stage: str) -> None:
     )
 
 
-def graph_dir(root: str | os.PathLike, index: int) -> Path:
-    return Path(root) / f"graph_{index:03d}"
+def graph_dir_name(index: int) -> str:
+    """Directory of the backend's graph ``index``."""
+    return f"graph_{index:03d}"
 
 
-def write_stage(root, index: int, step: int, pass_name: str, stage: str, graph: Graph) -> None:
-    directory = graph_dir(root, index)
+def clear(root) -> None:
+    """Remove an earlier compilation's dumps (only what this module writes)."""
+    root = Path(root)
+    (root / SUMMARY).unlink(missing_ok=True)
+    for directory in root.glob("graph_*"):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def write_stage(root, name: str, step: int, pass_name: str, stage: str, graph: Graph) -> None:
+    directory = Path(root) / name
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{step:02d}_{pass_name}.{stage}.py").write_text(readable(graph))
 
 
-def update_summary(root, index: int, counts: dict[str, int], **extra) -> None:
+def update_summary(root, name: str, counts: dict[str, int]) -> None:
     """Record one graph's counts in ``summary.json`` (rewritten whole, totals included)."""
     path = Path(root) / SUMMARY
     summary = json.loads(path.read_text()) if path.exists() else {"graphs": []}
-    graphs = [g for g in summary["graphs"] if g["index"] != index]
-    graphs.append({"index": index, "dir": graph_dir(root, index).name, "counts": counts, **extra})
-    graphs.sort(key=lambda g: g["index"])
+    graphs = [g for g in summary["graphs"] if g["dir"] != name]
+    graphs.append({"dir": name, "counts": counts})
+    graphs.sort(key=lambda g: g["dir"])
     totals = {name: sum(g["counts"].get(name, 0) for g in graphs) for name in PASS_NAMES}
     path.write_text(json.dumps({"counts": totals, "graphs": graphs}, indent=2) + "\n")
 
@@ -71,15 +87,16 @@ def describe(root) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{root} has no {SUMMARY}: is it a fusion_passes dump directory?")
     summary = json.loads(path.read_text())
-    report = Report([GraphReport(g["index"], g["counts"], g.get("cache_hit", False), g["dir"]) for g in summary["graphs"]])
-    return f"dump: {Path(root).resolve()}\n" + report.table()
+    report = Report([GraphReport(i, g["counts"], dump_dir=g["dir"]) for i, g in enumerate(summary["graphs"])])
+    names = ", ".join(f"graph {i} = {g['dir']}" for i, g in enumerate(summary["graphs"]))
+    return f"dump: {Path(root).resolve()} ({names})\n" + report.table()
 
 
 def diff(root, pass_name: str, index: int | None = None) -> str:
     """Unified diff of the graphs before and after ``pass_name`` (every graph, or one)."""
     if pass_name not in PASS_NAMES:
         raise ValueError(f"unknown pass {pass_name!r}; passes are {list(PASS_NAMES)}")
-    dirs = sorted(Path(root).glob("graph_*")) if index is None else [graph_dir(root, index)]
+    dirs = sorted(Path(root).glob("graph_*")) if index is None else [Path(root) / graph_dir_name(index)]
     out = []
     for directory in dirs:
         for before in sorted(directory.glob(f"*_{pass_name}.before.py")):

@@ -36,7 +36,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 class GraphContext:
     """What the backend tells the manager about the graph being compiled."""
 
-    index: int
+    name: str  # the graph's dump directory
     ran: bool = False
 
 
@@ -46,7 +46,7 @@ _standalone_index = itertools.count()
 
 @contextlib.contextmanager
 def compiling_graph(index: int):
-    context = GraphContext(index)
+    context = GraphContext(dump.graph_dir_name(index))
     token = _graph_context.set(context)
     try:
         yield context
@@ -76,29 +76,29 @@ class PassManager(CustomGraphPass):
     def __call__(self, graph: Graph) -> None:
         context = _graph_context.get()
         if context is None:
-            context = GraphContext(next(_standalone_index))
+            context = GraphContext(f"graph_extra_{next(_standalone_index):03d}")
         context.ran = True
         dump_dir = self.config.resolved_dump_dir()
         counts = {}
         for step, name in enumerate(self.config.enabled_passes()):
             if name not in PASSES:
                 continue
-            self._record(graph, dump_dir, context.index, step, name, "before")
+            self._record(graph, dump_dir, context.name, step, name, "before")
             counts[name] = PASSES[name].apply(graph, self.config)
             if counts[name]:
                 graph.lint()
             counters["inductor"][COUNTER_PREFIX + name] += counts[name]
-            self._record(graph, dump_dir, context.index, step, name, "after")
+            self._record(graph, dump_dir, context.name, step, name, "after")
         if dump_dir:
-            dump.update_summary(dump_dir, context.index, counts)
+            dump.update_summary(dump_dir, context.name, counts)
         if self.user_pass is not None:
             self.user_pass(graph)
 
     @staticmethod
-    def _record(graph, dump_dir, index, step, name, stage):
-        dump.emit_trace(graph, name, stage)
+    def _record(graph, dump_dir, graph_name, step, pass_name, stage):
+        dump.emit_trace(graph, pass_name, stage)
         if dump_dir:
-            dump.write_stage(dump_dir, index, step, name, stage, graph)
+            dump.write_stage(dump_dir, graph_name, step, pass_name, stage, graph)
 
     def uuid(self) -> str | None:
         if self.config.resolved_dump_dir():

@@ -154,3 +154,13 @@ def test_bad_config_is_rejected():
         fusion_passes.PassConfig(allreduce_ops=("all_reduce",))
 
 
+
+
+def test_reused_dump_dir_describes_the_latest_compilation(tmp_path):
+    config = fusion_passes.PassConfig(dump_dir=str(tmp_path))
+    for form, routers in (("softmax_topk", 1), ("topk_softmax", 1)):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(Router(form, bias=True), backend=fusion_passes.Backend(config, codegen=False))(torch.randn(4, H))
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["counts"]["router_gemm"] == routers and len(summary["graphs"]) == 1

@@ -1,5 +1,6 @@
-"""The passes, one module each, in run order. Each module has ``NAME`` and
-``apply(graph, config) -> int`` (the number of matches it rewrote)."""
+"""The passes, one module each. Each module has ``NAME`` and
+``apply(graph, config) -> int`` (the number of matches it rewrote). They run in the
+order of ``config.PASS_NAMES``."""
 
 from . import allreduce_rmsnorm, nan_safe_routing, router_gemm, slice_before_allreduce
 

@@ -1,0 +1,512 @@
+"""fusion_passes::topk_routing: the CUDA kernel against the reference, and the reference
+against its own invariants.
+
+The `cuda` tests call the op on GPU tensors, which runs csrc/topk_routing.cu (the
+`kernel` fixture makes sure it is built and registered, so that no test silently
+compares the reference with itself), and compare with `topk_routing_reference` run on
+CPU copies. `test_reference_invariants` needs no GPU.
+
+Inputs are drawn fresh on every run (the seed is in each failure message). Without a
+correction bias the selection score is the logit itself, so ids must be equal. With one it
+is p + bias, where p differs from the reference's by rounding: ids may then differ only
+between experts whose reference selection scores tie within rounding, and the weights are
+checked against the reference's p at the kernel's ids.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fusion_passes import kernels
+from fusion_passes.ops import _clamp_infinities, topk_routing_reference
+
+EXPERT_COUNTS = (1, 8, 16, 32, 60, 64, 128, 160, 256, 384, 512)
+TOKEN_COUNTS = (0, 1, 2, 3, 7, 31, 64, 127, 257, 1000, 4097, 8192)
+SWEEP_TOKEN_COUNTS = TOKEN_COUNTS[:-2]  # the large counts run in test_token_counts
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SCORINGS = ("softmax", "sigmoid")
+BIAS_KINDS = (None, "float32", "bfloat16")
+FLT_MIN = torch.finfo(torch.float32).tiny
+
+# Weights agree to fp32 rounding: both sides use < 1 ulp exp and correctly rounded division;
+# sums are reduced in different orders. ATOL covers subnormal probabilities.
+RTOL = 1e-5
+ATOL = 1e-6
+# Selection scores (p + bias) of experts the kernel may order either way.
+SCORE_RTOL = 2.0**-20
+SCORE_ATOL = 1e-6
+
+
+def ks_for(num_experts: int) -> list[int]:
+    return sorted({k for k in (1, 2, 4, 6, 8, num_experts) if k <= min(num_experts, 32)})
+
+
+def fresh_generator() -> tuple[torch.Generator, int]:
+    seed = secrets.randbits(62)
+    return torch.Generator().manual_seed(seed), seed
+
+
+def make_logits(num_tokens: int, num_experts: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Rows of four kinds: Gaussian at assorted scales, a few repeated levels (many exact
+    ties), constant, and one-hot-like (a few high experts over a flat floor)."""
+    scale = torch.tensor([0.05, 1.0, 4.0, 30.0])[torch.randint(0, 4, (num_tokens, 1), generator=gen)]
+    gaussian = torch.randn(num_tokens, num_experts, generator=gen) * scale
+    levels = torch.randint(-3, 4, (num_tokens, num_experts), generator=gen).float() * 0.75
+    constant = torch.randn(num_tokens, 1, generator=gen).expand(num_tokens, num_experts)
+    peaks = torch.where(torch.rand(num_tokens, num_experts, generator=gen) < 0.05, 5.0, -2.0)
+    kind = torch.randint(0, 4, (num_tokens, 1), generator=gen)
+    logits = torch.where(kind == 0, gaussian, torch.where(kind == 1, levels, torch.where(kind == 2, constant, peaks)))
+    return logits.to(dtype)
+
+
+def make_bias(kind: str | None, num_experts: int, gen: torch.Generator) -> torch.Tensor | None:
+    """None, or a per-expert bias the size of typical probabilities, half the time on a
+    coarse grid so that experts tie."""
+    if kind is None:
+        return None
+    bias = torch.randn(num_experts, generator=gen) * 0.05
+    if torch.rand((), generator=gen) < 0.5:
+        bias = torch.round(bias * 64) / 64
+    return bias.to(getattr(torch, kind))
+
+
+def reference_probs(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """p of every expert, taken from the reference itself (k=E, no bias, no renormalization)."""
+    num_experts = logits.shape[1]
+    weights, ids = topk_routing_reference(logits, num_experts, scoring, False, None)
+    return torch.zeros(weights.shape, dtype=torch.float32).scatter_(1, ids, weights)
+
+
+def selection_keys(logits: torch.Tensor, probs: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The reference's selection score of every expert, -inf where invalid (NaN)."""
+    x = _clamp_infinities(logits)
+    valid = ~torch.isnan(x)
+    if bias is None:
+        score = x
+    else:
+        score = _clamp_infinities(probs + _clamp_infinities(bias))
+        valid &= ~torch.isnan(score)
+    return score.masked_fill(~valid, float("-inf"))
+
+
+def renormalized(weights: torch.Tensor, k: int) -> torch.Tensor:
+    total = weights.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), 1.0 / k)
+
+
+def assert_routing_invariants(weights, ids, num_experts, k, renormalize, msg=""):
+    """k distinct ids in [0, E) per row; finite weights >= 0; with renormalization they sum
+    to 1 (also when the selected probabilities sum to a subnormal number)."""
+    num_tokens = ids.shape[0]
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32, msg
+    assert tuple(ids.shape) == (num_tokens, k) and tuple(weights.shape) == (num_tokens, k), msg
+    assert bool(((ids >= 0) & (ids < num_experts)).all()), f"ids out of range {msg}"
+    if k > 1:
+        assert bool((ids.sort(dim=1).values.diff(dim=1) != 0).all()), f"repeated ids {msg}"
+    assert bool(torch.isfinite(weights).all()), f"non-finite weights {msg}"
+    assert bool((weights >= 0).all()), f"negative weights {msg}"
+    if renormalize and num_tokens:
+        sums = weights.double().sum(dim=1)
+        torch.testing.assert_close(sums, torch.ones_like(sums), rtol=0, atol=1e-5, msg=msg)
+
+
+def assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids, msg=""):
+    logits_cpu = logits.cpu()
+    bias_cpu = None if bias is None else bias.cpu()
+    weights, ids = weights.cpu(), ids.cpu()
+    ref_weights, ref_ids = topk_routing_reference(logits_cpu, k, scoring, renormalize, bias_cpu)
+    probs = reference_probs(logits_cpu, scoring)
+    selected_probs = probs.gather(1, ids)
+    assert_routing_invariants(weights, ids, logits.shape[1], k, renormalize, msg)
+    if bias is None:
+        torch.testing.assert_close(ids, ref_ids, rtol=0, atol=0, msg=lambda m: f"ids differ {msg}\n{m}")
+        torch.testing.assert_close(weights, ref_weights, rtol=RTOL, atol=ATOL, msg=lambda m: f"weights {msg}\n{m}")
+        return
+    keys = selection_keys(logits_cpu, probs, bias_cpu)
+    torch.testing.assert_close(
+        keys.gather(1, ids),
+        keys.gather(1, ref_ids),
+        rtol=SCORE_RTOL,
+        atol=SCORE_ATOL,
+        msg=lambda m: f"selection differs beyond rounding {msg}\n{m}",
+    )
+    expected = renormalized(selected_probs, k) if renormalize else selected_probs
+    torch.testing.assert_close(weights, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"weights {msg}\n{m}")
+
+
+def run_op(logits, k, scoring, renormalize, bias):
+    return torch.ops.fusion_passes.topk_routing(logits, k, scoring, renormalize, bias)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    assert kernels.load(), f"CUDA kernels did not build/load: {kernels.load_error()}"
+    assert kernels.has_cuda_kernel("topk_routing")
+
+
+# ------------------------------------------------------------------------- against the reference
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_experts", EXPERT_COUNTS)
+def test_matches_reference(kernel, num_experts):
+    """Every k, dtype, scoring, renormalization and bias kind for this E, T cycling through
+    SWEEP_TOKEN_COUNTS."""
+    gen, seed = fresh_generator()
+    case = 0
+    for k in ks_for(num_experts):
+        for dtype in LOGIT_DTYPES:
+            for scoring in SCORINGS:
+                for renormalize in (True, False):
+                    for bias_kind in BIAS_KINDS:
+                        num_tokens = SWEEP_TOKEN_COUNTS[(case + num_experts) % len(SWEEP_TOKEN_COUNTS)]
+                        case += 1
+                        logits = make_logits(num_tokens, num_experts, dtype, gen).cuda()
+                        bias = make_bias(bias_kind, num_experts, gen)
+                        bias = None if bias is None else bias.cuda()
+                        weights, ids = run_op(logits, k, scoring, renormalize, bias)
+                        msg = f"[seed={seed} T={num_tokens} E={num_experts} k={k} {dtype} {scoring} renorm={renormalize} bias={bias_kind}]"
+                        assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids, msg)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
+def test_token_counts(kernel, num_tokens):
+    """Every T (up to 8192) for common shapes: E=128 k=8 softmax, E=256 k=8 sigmoid with a
+    bias, E=512 k=6 softmax with a bf16 bias."""
+    gen, seed = fresh_generator()
+    shapes = ((128, 8, "softmax", None), (256, 8, "sigmoid", "float32"), (512, 6, "softmax", "bfloat16"))
+    for num_experts, k, scoring, bias_kind in shapes:
+        for dtype in LOGIT_DTYPES:
+            logits = make_logits(num_tokens, num_experts, dtype, gen).cuda()
+            bias = make_bias(bias_kind, num_experts, gen)
+            bias = None if bias is None else bias.cuda()
+            weights, ids = run_op(logits, k, scoring, True, bias)
+            msg = f"[seed={seed} T={num_tokens} E={num_experts} k={k} {dtype} {scoring}]"
+            assert_matches_reference(logits, k, scoring, True, bias, weights, ids, msg)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scoring", SCORINGS)
+def test_ties_go_to_lower_index_with_bias(kernel, scoring):
+    """Equal logits and equal bias give exactly equal scores in both implementations, and a
+    bias of 0 or 2 (above any p) keeps unequal scores far apart: the ids must be exactly the
+    reference's, ascending within each tie."""
+    gen, seed = fresh_generator()
+    for num_experts in (8, 60, 256, 512):
+        levels = torch.randint(0, 3, (257, num_experts), generator=gen).float()
+        bias = torch.randint(0, 2, (num_experts,), generator=gen).float() * 2
+        for dtype in LOGIT_DTYPES:
+            logits = levels.to(dtype).cuda()
+            k = min(8, num_experts)
+            weights, ids = run_op(logits, k, scoring, True, bias.cuda())
+            ref_weights, ref_ids = topk_routing_reference(logits.cpu(), k, scoring, True, bias)
+            torch.testing.assert_close(ids.cpu(), ref_ids, rtol=0, atol=0, msg=f"seed={seed} E={num_experts}")
+            torch.testing.assert_close(weights.cpu(), ref_weights, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.cuda
+def test_bias_dtypes(kernel):
+    gen, seed = fresh_generator()
+    logits = make_logits(99, 256, torch.bfloat16, gen).cuda()
+    for bias_dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        bias = (torch.randn(256, generator=gen) * 0.05).to(bias_dtype).cuda()
+        for scoring in SCORINGS:
+            weights, ids = run_op(logits, 8, scoring, True, bias)
+            assert_matches_reference(logits, 8, scoring, True, bias, weights, ids, f"[seed={seed} {bias_dtype}]")
+
+
+@pytest.mark.cuda
+def test_strided_and_misaligned_logits(kernel):
+    """Row strides wider than E, a storage offset that breaks 16-byte alignment, a transposed
+    view and a column stride: all must give the reference's answer."""
+    gen, seed = fresh_generator()
+    for dtype in LOGIT_DTYPES:
+        wide = make_logits(65, 300, dtype, gen).cuda()
+        views = {
+            "row stride 300": wide[:, :256],
+            "offset 1": wide[:, 1:257],
+            "offset 8, E=64": wide[:, 8:72],
+            "transposed": make_logits(128, 40, dtype, gen).cuda().t(),
+            "column stride 2": wide[:, ::2],
+        }
+        for name, logits in views.items():
+            for scoring in SCORINGS:
+                weights, ids = run_op(logits, 6, scoring, True, None)
+                assert_matches_reference(logits, 6, scoring, True, None, weights, ids, f"[seed={seed} {dtype} {name}]")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "num_experts,k,dtype",
+    [(513, 8, torch.bfloat16), (600, 1, torch.float32), (1024, 33, torch.float16), (64, 33, torch.float32),
+     (64, 64, torch.bfloat16), (256, 8, torch.float64), (40, 40, torch.float32)],
+)
+def test_out_of_scope_falls_back(kernel, num_experts, k, dtype):
+    """E > 512, k > 32 or fp64 logits run the composite path inside the op: same answer."""
+    gen, seed = fresh_generator()
+    for scoring in SCORINGS:
+        for bias_kind in (None, "float32"):
+            logits = make_logits(70, num_experts, dtype, gen)
+            logits[3, 5:9] = float("nan")
+            logits[4, 0] = float("inf")
+            logits = logits.cuda()
+            bias = make_bias(bias_kind, num_experts, gen)
+            bias = None if bias is None else bias.cuda()
+            weights, ids = run_op(logits, k, scoring, True, bias)
+            msg = f"[seed={seed} E={num_experts} k={k} {dtype} {scoring} bias={bias_kind}]"
+            assert_matches_reference(logits, k, scoring, True, bias, weights, ids, msg)
+
+
+# --------------------------------------------------------------------------------- NaN and Inf
+
+NAN, INF = float("nan"), float("inf")
+
+
+def special_rows(num_experts: int, gen: torch.Generator) -> torch.Tensor:
+    """All NaN, part NaN, +Inf, several +Inf, -Inf, all -Inf, all +Inf, mixed, NaN next to
+    the maximum, and one ordinary row."""
+    rows = torch.randn(12, num_experts, generator=gen)
+    pick = lambda frac: torch.rand(num_experts, generator=gen) < frac  # noqa: E731
+    rows[0] = NAN
+    rows[1][pick(0.5)] = NAN
+    rows[2][torch.randint(0, num_experts, (1,), generator=gen)] = INF
+    rows[3][pick(0.3)] = INF
+    rows[4][pick(0.3)] = -INF
+    rows[5] = -INF
+    rows[6] = INF
+    mixed = torch.tensor([NAN, INF, -INF, 0.0, -0.0, 1.0])
+    rows[7] = mixed[torch.randint(0, 6, (num_experts,), generator=gen)]
+    rows[8][pick(0.9)] = NAN
+    rows[9][0] = NAN
+    rows[9][-1] = 1e30
+    rows[10] = torch.where(pick(0.5), torch.tensor(-INF), torch.tensor(NAN))
+    return rows
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_experts", (1, 8, 60, 128, 160, 256, 512))
+def test_nan_and_inf(kernel, num_experts):
+    gen, seed = fresh_generator()
+    rows = special_rows(num_experts, gen)
+    biases = {
+        "none": None,
+        "finite": torch.randn(num_experts, generator=gen) * 0.1,
+        "with nan/inf": torch.where(
+            torch.rand(num_experts, generator=gen) < 0.2,
+            torch.tensor([NAN, INF, -INF])[torch.randint(0, 3, (num_experts,), generator=gen)],
+            torch.randn(num_experts, generator=gen) * 0.1,
+        ),
+    }
+    for dtype in LOGIT_DTYPES:
+        logits = rows.to(dtype).cuda()
+        for k in ks_for(num_experts):
+            for scoring in SCORINGS:
+                for renormalize in (True, False):
+                    for bias_name, bias in biases.items():
+                        bias_cuda = None if bias is None else bias.cuda()
+                        weights, ids = run_op(logits, k, scoring, renormalize, bias_cuda)
+                        msg = f"[seed={seed} E={num_experts} k={k} {dtype} {scoring} renorm={renormalize} bias={bias_name}]"
+                        assert_matches_reference(logits, k, scoring, renormalize, bias_cuda, weights, ids, msg)
+                        # Row 0 is all NaN: ids 0..k-1, weights exactly 1/k (renormalized) or 0.
+                        assert ids[0].cpu().tolist() == list(range(k)), msg
+                        expected = torch.full((k,), 1.0 / k if renormalize else 0.0)
+                        assert torch.equal(weights[0].cpu(), expected), msg
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scoring", SCORINGS)
+@pytest.mark.parametrize("with_bias", (False, True))
+def test_cuda_graph_replay_with_nan_padding(kernel, scoring, with_bias):
+    """A captured call on a static [T_max, E] buffer whose unused rows hold NaN, replayed with
+    new contents: real rows match the reference, padding rows get ids 0..k-1 and 1/k."""
+    gen, seed = fresh_generator()
+    max_tokens, num_experts, k = 96, 256, 8
+    static_logits = torch.full((max_tokens, num_experts), NAN, dtype=torch.bfloat16, device="cuda")
+    bias = (torch.randn(num_experts, generator=gen) * 0.05).cuda() if with_bias else None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run_op(static_logits, k, scoring, True, bias)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_weights, static_ids = run_op(static_logits, k, scoring, True, bias)
+    for num_real in (0, 1, 17, 95, 96, 3):
+        static_logits.fill_(NAN)
+        real = make_logits(num_real, num_experts, torch.bfloat16, gen)
+        if num_real > 2:
+            real[1, :7] = NAN
+            real[2, 3] = INF
+        static_logits[:num_real].copy_(real)
+        graph.replay()
+        torch.cuda.synchronize()
+        msg = f"[seed={seed} real rows={num_real}]"
+        assert_matches_reference(static_logits, k, scoring, True, bias, static_weights, static_ids, msg)
+        padding_ids = static_ids[num_real:].cpu()
+        assert bool((padding_ids == torch.arange(k)).all()), msg
+        torch.testing.assert_close(static_weights[num_real:].cpu(), torch.full((max_tokens - num_real, k), 1.0 / k))
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def bad_inputs(device: str):
+    logits = torch.randn(4, 8, device=device)
+    return [
+        ((logits, 9, "softmax", True, None), "k > E"),
+        ((logits, 0, "softmax", True, None), "k = 0"),
+        ((logits, -2, "sigmoid", True, None), "k < 0"),
+        ((torch.randint(0, 5, (4, 8), device=device), 2, "softmax", True, None), "int logits"),
+        ((torch.randn(8, device=device), 2, "softmax", True, None), "1-D logits"),
+        ((torch.randn(2, 4, 8, device=device), 2, "softmax", True, None), "3-D logits"),
+        ((torch.randn(4, 0, device=device), 1, "softmax", True, None), "no experts"),
+        ((logits, 2, "relu", True, None), "unknown scoring"),
+        ((logits, 2, "it's", True, None), "scoring with a quote"),
+        ((logits, 2, "softmax", True, torch.zeros(7, device=device)), "bias shape"),
+        ((logits, 2, "softmax", True, torch.zeros(8, dtype=torch.int32, device=device)), "bias dtype"),
+    ]
+
+
+@pytest.mark.cuda
+def test_bad_inputs_raise_value_error_like_the_reference(kernel):
+    for (cpu_args, name), (cuda_args, _) in zip(bad_inputs("cpu"), bad_inputs("cuda")):
+        with pytest.raises(ValueError) as cpu_error:
+            torch.ops.fusion_passes.topk_routing(*cpu_args)
+        with pytest.raises(ValueError) as cuda_error:
+            torch.ops.fusion_passes.topk_routing(*cuda_args)
+        assert str(cpu_error.value) in str(cuda_error.value), name
+    with pytest.raises(ValueError, match="another device"):
+        torch.ops.fusion_passes.topk_routing(torch.randn(4, 8, device="cuda"), 2, "softmax", True, torch.zeros(8))
+
+
+# ----------------------------------------------------------------------- sanitizer smoke test
+
+
+@pytest.mark.cuda
+def test_smoke_every_kernel_variant(kernel):
+    """A few rows through every instantiated variant (dtype x experts-per-lane bucket x scoring x
+    bias), aligned and misaligned, with NaN rows: small enough to run under compute-sanitizer."""
+    gen, seed = fresh_generator()
+    for num_experts in (5, 60, 128, 160, 256, 384, 512):
+        k = min(num_experts, 8)
+        for dtype in LOGIT_DTYPES:
+            wide = make_logits(6, num_experts + 1, dtype, gen)
+            wide[0] = NAN
+            wide[1, :3] = NAN
+            wide = wide.cuda()
+            for logits in (wide[:, :num_experts], wide[:, 1:]):
+                for scoring in SCORINGS:
+                    for bias_kind in (None, "float32"):
+                        bias = make_bias(bias_kind, num_experts, gen)
+                        bias = None if bias is None else bias.cuda()
+                        weights, ids = run_op(logits, k, scoring, True, bias)
+                        msg = f"[seed={seed} E={num_experts} {dtype} {scoring} bias={bias_kind}]"
+                        assert_matches_reference(logits, k, scoring, True, bias, weights, ids, msg)
+
+
+# ----------------------------------------------------------------------------- property based
+
+PALETTE_SPECIALS = (0.0, -0.0, 1.0, -1.0, 2.5, 30.0, -87.9, -88.5, -100.0, 1e-40, -1e-40, 3e38, -3e38, NAN, INF, -INF)
+element = st.one_of(
+    st.floats(-20, 20, width=32),
+    st.sampled_from(PALETTE_SPECIALS),
+    st.floats(width=32),  # anything: NaN, +-Inf, subnormals, huge
+)
+
+
+@st.composite
+def kernel_cases(draw):
+    """Logits picked at random from a small drawn palette (ties and special values) mixed
+    with Gaussian noise, so that hypothesis explores values while E and T stay large."""
+    num_experts = draw(st.sampled_from((1, 2, 3, 8, 31, 32, 33, 60, 64, 100, 128, 160, 193, 256, 300, 384, 500, 512)))
+    k = draw(st.integers(1, min(num_experts, 32)))
+    num_tokens = draw(st.integers(0, 40))
+    palette = torch.tensor(draw(st.lists(element, min_size=1, max_size=6)), dtype=torch.float32)
+    noise_fraction = draw(st.sampled_from((0.0, 0.5, 1.0)))
+    seed = draw(st.integers(0, 2**32 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    picks = palette[torch.randint(0, len(palette), (num_tokens, num_experts), generator=gen)]
+    noise = torch.randn(num_tokens, num_experts, generator=gen) * 3
+    logits = torch.where(torch.rand(num_tokens, num_experts, generator=gen) < noise_fraction, noise, picks)
+    dtype = draw(st.sampled_from(LOGIT_DTYPES))
+    bias = None
+    if draw(st.booleans()):
+        bias_palette = torch.tensor(draw(st.lists(element, min_size=1, max_size=4)), dtype=torch.float32)
+        bias = torch.where(
+            torch.rand(num_experts, generator=gen) < 0.5,
+            torch.randn(num_experts, generator=gen) * 0.05,
+            bias_palette[torch.randint(0, len(bias_palette), (num_experts,), generator=gen)],
+        )
+    return logits.to(dtype), k, draw(st.sampled_from(SCORINGS)), draw(st.booleans()), bias
+
+
+@pytest.mark.cuda
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=kernel_cases())
+def test_kernel_matches_reference_fuzzed(kernel, case):
+    logits, k, scoring, renormalize, bias = case
+    logits = logits.cuda()
+    bias = None if bias is None else bias.cuda()
+    weights, ids = run_op(logits, k, scoring, renormalize, bias)
+    assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids)
+
+
+@st.composite
+def reference_cases(draw):
+    num_experts = draw(st.integers(1, 24))
+    num_tokens = draw(st.integers(0, 6))
+    k = draw(st.integers(1, num_experts))
+    values = draw(st.lists(element, min_size=num_tokens * num_experts, max_size=num_tokens * num_experts))
+    logits = torch.tensor(values, dtype=torch.float32).reshape(num_tokens, num_experts)
+    logits = logits.to(draw(st.sampled_from(LOGIT_DTYPES)))
+    bias = None
+    if draw(st.booleans()):
+        bias = torch.tensor(draw(st.lists(element, min_size=num_experts, max_size=num_experts)), dtype=torch.float32)
+    return logits, k, draw(st.sampled_from(SCORINGS)), draw(st.booleans()), bias
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=reference_cases())
+def test_reference_invariants(case):
+    """The reference (on CPU) against the invariants its docstring promises."""
+    logits, k, scoring, renormalize, bias = case
+    num_tokens, num_experts = logits.shape
+    weights, ids = topk_routing_reference(logits, k, scoring, renormalize, bias)
+    probs = reference_probs(logits, scoring)
+    assert bool(torch.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all())
+    valid = ~torch.isnan(logits.float())
+    if scoring == "softmax" and num_tokens:
+        expected_sum = valid.any(dim=1).double()
+        torch.testing.assert_close(probs.double().sum(dim=1), expected_sum, rtol=0, atol=1e-5)
+    assert bool((probs[~valid] == 0).all())
+    selected_probs = probs.gather(1, ids)
+    assert_routing_invariants(weights, ids, num_experts, k, renormalize)
+    if not renormalize:
+        assert torch.equal(weights, selected_probs)
+    elif num_tokens:
+        zero_total = selected_probs.sum(dim=1) == 0
+        assert bool((weights[zero_total] == torch.tensor(1.0 / k)).all())
+
+    # Order: descending selection score, ties to the lower index, invalid (NaN) ones last
+    # in index order; and no unselected expert beats the last selected one.
+    keys = selection_keys(logits, probs, bias)
+    selected_keys = keys.gather(1, ids)
+    if k > 1:
+        earlier, later = selected_keys[:, :-1], selected_keys[:, 1:]
+        in_order = (earlier > later) | ((earlier == later) & (ids[:, :-1] < ids[:, 1:]))
+        assert bool(in_order.all()), (keys, ids)
+    unselected = torch.ones_like(keys, dtype=torch.bool).scatter_(1, ids, False)
+    last_key, last_id = selected_keys[:, -1:], ids[:, -1:]
+    experts = torch.arange(num_experts).expand_as(keys)
+    beats_last = (keys > last_key) | ((keys == last_key) & (experts < last_id))
+    assert not bool((unselected & beats_last).any()), (keys, ids)
+    selectable = keys > float("-inf")  # valid: logit (and score) not NaN
+    invalid_selected = ~selectable.gather(1, ids)
+    enough_valid = (selectable.sum(dim=1, keepdim=True) >= k).expand_as(ids)
+    assert not bool((invalid_selected & enough_valid).any()), "a NaN outranked a valid expert"
