@@ -217,3 +217,17 @@ def upstream(node: Node, stop: Iterable[Node]) -> set[Node]:
         seen.add(current)
         todo.extend(current.all_input_nodes)
     return seen
+
+
+def rewrite_each(candidates: Iterable, match, replace) -> int:
+    """Rewrite every candidate that ``match`` accepts (``replace(match(c))``); returns how
+    many. Nodes an earlier rewrite erased are skipped."""
+    count = 0
+    for candidate in candidates:
+        if getattr(candidate, "_erased", False):
+            continue
+        found = match(candidate)
+        if found is not None:
+            replace(found)
+            count += 1
+    return count

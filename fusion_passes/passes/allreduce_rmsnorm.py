@@ -50,6 +50,7 @@ from ._graph import (
     is_call,
     reduces_last_dim,
     replace_with,
+    rewrite_each,
     upstream,
 )
 
@@ -175,10 +176,4 @@ def replace(graph: Graph, found: FusionMatch) -> None:
 
 
 def apply(graph: Graph, config: PassConfig) -> int:
-    count = 0
-    for allreduce in find_allreduces(graph, config):
-        found = match(allreduce)
-        if found is not None:
-            replace(graph, found)
-            count += 1
-    return count
+    return rewrite_each(find_allreduces(graph, config), match, lambda found: replace(graph, found))

@@ -60,6 +60,7 @@ from ._graph import (
     is_last_dim,
     renormalized,
     replace_with,
+    rewrite_each,
     softmax_of,
     strip_upcast,
     upstream,
@@ -217,12 +218,5 @@ def replace(graph: Graph, found: RoutingMatch) -> None:
 
 
 def apply(graph: Graph, config: PassConfig) -> int:
-    count = 0
-    for node in list(graph.nodes):
-        if node.graph is None or not is_call(node, aten.topk.default):
-            continue
-        found = match(node, config)
-        if found is not None:
-            replace(graph, found)
-            count += 1
-    return count
+    topks = [node for node in graph.nodes if is_call(node, aten.topk.default)]
+    return rewrite_each(topks, lambda topk: match(topk, config), lambda found: replace(graph, found))

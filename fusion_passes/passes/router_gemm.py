@@ -30,7 +30,7 @@ from torch.fx import Graph, Node
 
 from .. import ops
 from ..config import PassConfig
-from ._graph import aten, erase_unused, fake, insert_call, is_call, prims, replace_with, upstream
+from ._graph import aten, erase_unused, fake, insert_call, is_call, prims, replace_with, rewrite_each, upstream
 
 NAME = "router_gemm"
 
@@ -140,12 +140,4 @@ def replace(graph: Graph, found: RouterMatch) -> None:
 
 
 def apply(graph: Graph, config: PassConfig) -> int:
-    count = 0
-    for node in list(graph.nodes):
-        if node.graph is None:
-            continue
-        found = match(node, config)
-        if found is not None:
-            replace(graph, found)
-            count += 1
-    return count
+    return rewrite_each(list(graph.nodes), lambda node: match(node, config), lambda found: replace(graph, found))

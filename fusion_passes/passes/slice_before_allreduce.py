@@ -28,7 +28,7 @@ from torch.fx import Graph, Node
 
 from ..config import PassConfig
 from ._allreduce import AllReduce, find_allreduces
-from ._graph import arg, aten, erase_unused, fake, insert_call, is_call, is_last_dim
+from ._graph import arg, aten, erase_unused, fake, insert_call, is_call, is_last_dim, rewrite_each
 
 NAME = "slice_before_allreduce"
 SLICE_ARGS = ((1, "dim", 0), (2, "start", None), (3, "end", None), (4, "step", 1))
@@ -44,8 +44,8 @@ def _kept_width(node: Node, padded_width: int, ndim: int) -> int | None:
     return end if 0 < end < padded_width else None
 
 
-def match(allreduce: AllReduce) -> int | None:
-    """The kept width H if every consumer slices the same ``[..., :H]``."""
+def match(allreduce: AllReduce) -> tuple[AllReduce, int] | None:
+    """(the all-reduce, the kept width H) if every consumer slices the same ``[..., :H]``."""
     value = fake(allreduce.output)
     padded_width = value.shape[-1]
     if not isinstance(padded_width, int) or not allreduce.output.users:
@@ -53,7 +53,7 @@ def match(allreduce: AllReduce) -> int | None:
     widths = {_kept_width(user, padded_width, value.dim()) for user in allreduce.output.users}
     if len(widths) != 1 or None in widths:
         return None
-    return widths.pop()
+    return allreduce, widths.pop()
 
 
 def replace(graph: Graph, allreduce: AllReduce, width: int) -> None:
@@ -68,10 +68,4 @@ def replace(graph: Graph, allreduce: AllReduce, width: int) -> None:
 
 
 def apply(graph: Graph, config: PassConfig) -> int:
-    count = 0
-    for allreduce in find_allreduces(graph, config):
-        width = match(allreduce)
-        if width is not None:
-            replace(graph, allreduce, width)
-            count += 1
-    return count
+    return rewrite_each(find_allreduces(graph, config), match, lambda found: replace(graph, *found))
