@@ -2,6 +2,7 @@
 with Inductor's cache on, with dumps, and from the CLI."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -164,3 +165,19 @@ def test_reused_dump_dir_describes_the_latest_compilation(tmp_path):
             torch.compile(Router(form, bias=True), backend=fusion_passes.Backend(config, codegen=False))(torch.randn(4, H))
         summary = json.loads((tmp_path / "summary.json").read_text())
         assert summary["counts"]["router_gemm"] == routers and len(summary["graphs"]) == 1
+
+
+def test_graphs_are_torch_trace_artifacts_for_tlparse(tmp_path):
+    code = """
+import torch, fusion_passes
+from test_routing_passes import H, Router
+torch._inductor.config.force_disable_caches = True
+with torch.no_grad():
+    torch.compile(Router("softmax_topk"), backend=fusion_passes.Backend())(torch.randn(4, H))
+"""
+    env = dict(os.environ, TORCH_TRACE=str(tmp_path), PYTHONPATH=os.path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    trace = "".join(p.read_text() for p in tmp_path.iterdir())
+    for name in ("fusion_passes_router_gemm_before", "fusion_passes_router_gemm_after", "fusion_passes_nan_safe_routing_after"):
+        assert f'"name": "{name}"' in trace
