@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import socket
+
 import torch
+import torch.distributed as dist
 from torch._inductor import config as inductor_config
 
 import fusion_passes
@@ -38,3 +43,26 @@ def compile_and_run(module, *inputs, config=None, dynamic_dim0=True, codegen=Tru
 
 def region(graphs, *targets) -> str:
     return "\n\n".join(render_region(g, targets) for g in graphs)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a test's process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_process_group(rank: int, world_size: int, port: int, timeout_s: int = 120):
+    """This process's membership of a real gloo group on the loopback interface."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()

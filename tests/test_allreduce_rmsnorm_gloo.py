@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 import fusion_passes  # noqa: F401  (registers the ops)
 
@@ -102,12 +102,6 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"world{n}")
 def gloo_run(request, tmp_path_factory):
     """Runs every case on ``world_size`` gloo processes; returns (world_size, per-rank results)."""
@@ -121,7 +115,7 @@ def gloo_run(request, tmp_path_factory):
     start_method = "spawn" if dist.is_initialized() else "fork"
     mp.start_processes(
         _worker,
-        args=(world_size, _free_port(), str(out_dir)),
+        args=(world_size, free_port(), str(out_dir)),
         nprocs=world_size,
         join=True,
         start_method=start_method,

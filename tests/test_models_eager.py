@@ -2,14 +2,13 @@
 eager runs, inductor vs eager numerics, tensor-parallel tracing under a fake
 process group, and a real 2-process gloo run of the tensor-parallel models."""
 
-import datetime
-import socket
 import threading
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port, gloo_process_group
 from torch._dynamo.backends.debugging import aot_eager
 from torch._dynamo.utils import counters
 
@@ -222,36 +221,21 @@ def test_tp_threaded_ranks_match_single_device(name, world_size, monkeypatch):
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 GLOO_TOKENS = 7
 
 
 def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
+    with gloo_process_group(rank, world_size, port) as group:
         outputs = {}
         for name in MODEL_NAMES:
-            model = build_model(name, 2, tp_group=dist.group.WORLD)
+            model = build_model(name, 2, tp_group=group)
             outputs[name] = reference_output(model, GLOO_TOKENS).clone()
         torch.save(outputs, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_tp_gloo_matches_single_device(tmp_path):
     world_size = 2
-    mp.spawn(_gloo_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size)
+    mp.spawn(_gloo_worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size)
     for rank in range(world_size):
         outputs = torch.load(tmp_path / f"rank{rank}.pt")
         for name in MODEL_NAMES:

@@ -1,12 +1,9 @@
 """Tensor-parallel models compiled with every pass, on 2 real gloo processes (CPU,
 fp32): the counts of DESIGN.md, and the output equals the single-device eager model."""
 
-import datetime
-import socket
-
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port, gloo_process_group
 
 import fusion_passes
 from fusion_passes.models import build_model, example_inputs
@@ -15,21 +12,12 @@ LAYERS, TOKENS = 2, 7
 MODELS = ("gpt-oss", "qwen3-moe")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120)
-    )
-    try:
+    with gloo_process_group(rank, world_size, port) as group:
         results = {}
         for name in MODELS:
             torch._dynamo.reset()
-            model = build_model(name, LAYERS, tp_group=dist.group.WORLD)
+            model = build_model(name, LAYERS, tp_group=group)
             (ids,) = example_inputs(model, TOKENS)
             torch._dynamo.mark_dynamic(ids, 0)
             # The rewritten graph runs as is: this checks what the passes did; Inductor's
@@ -39,13 +27,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 out = torch.compile(model, backend=backend)(ids)
             results[name] = (out.clone(), backend.report.counts)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_compiled_tp_world_size_2_matches_single_device_eager(tmp_path):
     world_size = 2
-    mp.spawn(_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size)
+    mp.spawn(_worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size)
     outputs = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
     for name in MODELS:
         model = build_model(name, LAYERS)
