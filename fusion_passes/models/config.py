@@ -16,10 +16,12 @@ from typing import Literal
 NormKind = Literal["hf", "gpt_oss", "functional"]
 RoutingKind = Literal["topk_softmax", "softmax_topk", "sigmoid_bias"]
 SoftmaxUpcast = Literal["dtype_arg", "float_call"]
+ExpertCompute = Literal["dense", "grouped"]
 
 NORM_KINDS = ("hf", "gpt_oss", "functional")
 ROUTING_KINDS = ("topk_softmax", "softmax_topk", "sigmoid_bias")
 SOFTMAX_UPCASTS = ("dtype_arg", "float_call")
+EXPERT_COMPUTES = ("dense", "grouped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,10 @@ class MoEConfig:
     # The experts' down projection writes hidden_size rounded up to this multiple
     # (zero-padded weights) and the block slices back afterwards, as gpt-oss does.
     output_pad_multiple: int = 1
+    # How the experts run: "dense" computes every expert for every token (tiny models,
+    # any torch); "grouped" sorts the token copies by expert and runs one grouped GEMM
+    # per projection (torch._grouped_mm), as serving engines do.
+    expert_compute: ExpertCompute = "dense"
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTING_KINDS:
@@ -60,6 +66,8 @@ class MoEConfig:
             raise ValueError(
                 f"softmax_upcast must be one of {SOFTMAX_UPCASTS}, got {self.softmax_upcast!r}"
             )
+        if self.expert_compute not in EXPERT_COMPUTES:
+            raise ValueError(f"expert_compute must be one of {EXPERT_COMPUTES}, got {self.expert_compute!r}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
         if self.shared_expert_intermediate_size and self.output_pad_multiple > 1:

@@ -24,13 +24,15 @@ class WeightInit:
     """
 
     def __init__(self, seed: int, dtype: torch.dtype, device: torch.device | str):
-        self._generator = torch.Generator().manual_seed(seed)
         self.dtype = dtype
         self.device = torch.device(device)
+        # Drawn where the model lives: full-size weights of real model shapes would take
+        # minutes to draw on a CPU. Same seed and device type, same weights.
+        self._generator = torch.Generator(self.device).manual_seed(seed)
 
     def normal(self, *shape: int, std: float, mean: float = 0.0) -> torch.Tensor:
-        """A full-size fp32 CPU tensor; convert with `param`/`buffer`/`linear`."""
-        return torch.randn(shape, generator=self._generator) * std + mean
+        """A full-size fp32 tensor; convert with `param`/`buffer`/`linear`."""
+        return torch.randn(shape, generator=self._generator, device=self.device) * std + mean
 
     def param(self, value: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Parameter:
         # Inference-only models: no autograd, so compiles produce inference graphs.

@@ -89,14 +89,41 @@ class Experts(nn.Module):
         self.gate_proj = init.param(parallel.split(gate, 1, what))  # [E, I/W, H]
         self.up_proj = init.param(parallel.split(up, 1, what))  # [E, I/W, H]
         self.down_proj = init.param(parallel.split(down, 2, what))  # [E, out, I/W]
+        self.compute = moe.expert_compute
 
-    def forward(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
-        """x [T, H], combine [T, E] (routing weight, 0 where not routed) -> [T, out]."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], routing weights and expert ids [T, k] -> [T, out]."""
+        if self.compute == "grouped" and hasattr(torch, "_grouped_mm"):
+            return self._grouped(x, weights, expert_ids)
+        return self._dense(x, weights, expert_ids)
+
+    def _dense(self, x, weights, expert_ids):
+        """Every expert on every token, weighted by a [T, E] combine matrix (0 where not routed)."""
+        combine = torch.zeros(x.shape[0], self.gate_proj.shape[0], dtype=x.dtype, device=x.device)
+        combine = combine.scatter(1, expert_ids, weights.to(x.dtype))
         x = x.unsqueeze(0)  # broadcast over experts
         gate = x @ self.gate_proj.transpose(1, 2)  # [E, T, I/W]
         up = x @ self.up_proj.transpose(1, 2)
         out = (F.silu(gate) * up) @ self.down_proj.transpose(1, 2)  # [E, T, out]
         return (out * combine.t().unsqueeze(-1)).sum(0)
+
+    def _grouped(self, x, weights, expert_ids):
+        """The T*k token copies sorted by expert, one grouped GEMM per projection; static
+        shapes throughout, so it compiles and captures in CUDA graphs."""
+        num_tokens, top_k = expert_ids.shape
+        num_experts = self.gate_proj.shape[0]
+        flat_ids = expert_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        token = order // top_k
+        per_expert = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+        per_expert = per_expert.index_add(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+        ends = torch.cumsum(per_expert, 0, dtype=torch.int32)
+        copies = x[token]  # [T*k, H], grouped by expert
+        gate = torch._grouped_mm(copies, self.gate_proj.transpose(1, 2), offs=ends)
+        up = torch._grouped_mm(copies, self.up_proj.transpose(1, 2), offs=ends)
+        out = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)
+        out = out * weights.reshape(-1)[order].to(out.dtype).unsqueeze(-1)
+        return torch.zeros(num_tokens, out.shape[1], dtype=out.dtype, device=x.device).index_add(0, token, out)
 
 
 class MoE(nn.Module):
@@ -161,10 +188,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)
         weights, expert_ids = self.route(logits, x.dtype)
-        combine = torch.zeros_like(logits, dtype=x.dtype).scatter(
-            1, expert_ids, weights.to(x.dtype)
-        )
-        out = self.experts(x, combine)
+        out = self.experts(x, weights, expert_ids)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         if self.tp_group is not None:

@@ -1,0 +1,212 @@
+"""End-to-end decode steps: stock Inductor against Inductor + fusion_passes, same run.
+
+    fusion-passes bench e2e [--tokens 1,8,32,128] [--layers 4] [--out DIR]
+
+Models (bf16, real expert weights, experts as grouped GEMMs over tokens sorted by
+expert, torch._grouped_mm where the installed torch has it):
+  gpt-oss-e32    H=2880, E=32,  top-4, expert intermediate 2880 (gpt-oss-20b's layer)
+  gpt-oss-e128   H=2880, E=128, top-4
+  qwen3-moe      H=2048, E=128, top-8, expert intermediate 768 (Qwen3-30B-A3B's layer)
+  gpt-oss-20b-layer  one full-size gpt-oss-20b-shaped layer (--full-layer)
+
+Each step (T tokens of one decode step, no KV cache: attention over the T tokens) is
+compiled once per backend with static shapes, captured in a CUDA graph and replayed;
+the number is the median replay time. The router + routing part of a layer is timed
+the same way on its own (the MoE block's router linear and routing, compiled and
+captured alone), which is what the passes replace.
+
+``--device cpu`` runs the same code eagerly-timed on tiny shapes: a smoke test of
+this script, not a benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import fusion_passes
+from fusion_passes.models import MODELS, ModelConfig, MoEConfig, build_model
+
+
+def _gpt_oss(name: str, experts: int, hidden: int = 2880, inter: int = 2880) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        hidden_size=hidden,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=64,
+        vocab_size=1024,
+        norm="gpt_oss",
+        norm_eps=1e-5,
+        moe=MoEConfig(
+            num_experts=experts,
+            top_k=4,
+            intermediate_size=inter,
+            routing="topk_softmax",
+            router_bias=True,
+            output_pad_multiple=256,
+            expert_compute="grouped",
+        ),
+    )
+
+
+def _qwen3(name: str) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        hidden_size=2048,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=128,
+        vocab_size=1024,
+        norm="hf",
+        moe=MoEConfig(
+            num_experts=128,
+            top_k=8,
+            intermediate_size=768,
+            routing="softmax_topk",
+            renormalize=True,
+            expert_compute="grouped",
+        ),
+    )
+
+
+BENCH_MODELS = {
+    "gpt-oss-e32": _gpt_oss("bench-gpt-oss-e32", 32),
+    "gpt-oss-e128": _gpt_oss("bench-gpt-oss-e128", 128),
+    "qwen3-moe": _qwen3("bench-qwen3-moe"),
+}
+SMOKE_MODELS = {  # the same structure at sizes a CPU compiles in seconds
+    name: dataclasses.replace(
+        cfg,
+        name=cfg.name.replace("bench-", "smoke-"),
+        hidden_size=64,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        moe=dataclasses.replace(cfg.moe, intermediate_size=32),
+    )
+    for name, cfg in BENCH_MODELS.items()
+}
+
+
+def _register(cfg: ModelConfig) -> str:
+    """build_model takes registered names; bench shapes register under their own."""
+    MODELS.setdefault(cfg.name, cfg)
+    return cfg.name
+
+
+def _timed(fn, device: str, replays: int) -> float:
+    """Median seconds per call: CUDA-graph replay on a GPU, plain calls on a CPU."""
+    if device == "cpu":
+        samples = []
+        for _ in range(replays):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    samples = []
+    for _ in range(replays):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(begin.elapsed_time(end) / 1e3)
+    return statistics.median(samples)
+
+
+class RouterAndRouting(torch.nn.Module):
+    """A layer's router linear and routing, as the model computes them."""
+
+    def __init__(self, moe_block):
+        super().__init__()
+        self.moe = moe_block
+
+    def forward(self, x):
+        return self.moe.route(self.moe.router(x), x.dtype)
+
+
+def _compile(module, backend_name: str):
+    torch._dynamo.reset()
+    backend = "inductor" if backend_name == "inductor" else fusion_passes.Backend()
+    return torch.compile(module, backend=backend, dynamic=False), backend
+
+
+def measure(cfg: ModelConfig, layers: int, tokens: list[int], device: str, replays: int) -> list[dict]:
+    name = _register(cfg)
+    dtype = torch.bfloat16
+    model = build_model(name, layers, dtype=dtype, device=device)
+    router = RouterAndRouting(model.layers[0].mlp)
+    rows = []
+    for num_tokens in tokens:
+        ids = torch.randint(0, cfg.vocab_size, (num_tokens,), device=device)
+        hidden = torch.randn(num_tokens, cfg.hidden_size, dtype=dtype, device=device)
+        row = {"model": cfg.name, "layers": layers, "T": num_tokens}
+        outputs = {}
+        for backend_name in ("inductor", "fusion_passes"):
+            with torch.no_grad():
+                step, backend = _compile(model, backend_name)
+                outputs[backend_name] = step(ids)
+                row[f"{backend_name}_step_us"] = 1e6 * _timed(lambda: step(ids), device, replays)
+                if backend_name == "fusion_passes":
+                    row["counts"] = backend.report.counts
+                routing, _ = _compile(router, backend_name)
+                routing(hidden)
+                row[f"{backend_name}_router_routing_us"] = 1e6 * _timed(lambda: routing(hidden), device, replays)
+        a, b = outputs["inductor"].float(), outputs["fusion_passes"].float()
+        row["relative_difference"] = ((a - b).norm() / a.norm()).item()
+        row["step_speedup"] = row["inductor_step_us"] / row["fusion_passes_step_us"]
+        row["router_routing_speedup"] = row["inductor_router_routing_us"] / row["fusion_passes_router_routing_us"]
+        rows.append(row)
+        print(
+            f"{cfg.name:>22} T={num_tokens:<4} step {row['inductor_step_us']:9.1f} -> {row['fusion_passes_step_us']:9.1f} us"
+            f" ({row['step_speedup']:.2f}x)   router+routing {row['inductor_router_routing_us']:7.1f} ->"
+            f" {row['fusion_passes_router_routing_us']:7.1f} us ({row['router_routing_speedup']:.2f}x)"
+            f"   rel diff {row['relative_difference']:.1e}",
+            flush=True,
+        )
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fusion-passes bench e2e", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(BENCH_MODELS))
+    parser.add_argument("--tokens", default="1,8,32,128")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--full-layer", action="store_true", help="also one full-size gpt-oss-20b-shaped layer")
+    parser.add_argument("--replays", type=int, default=50)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="write results.json here")
+    args = parser.parse_args(argv)
+
+    configs = SMOKE_MODELS if args.device == "cpu" else BENCH_MODELS
+    unknown = set(args.models.split(",")) - set(configs)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; choose from {sorted(configs)}")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    rows = []
+    for model_name in args.models.split(","):
+        rows += measure(configs[model_name], args.layers, tokens, args.device, args.replays)
+    if args.full_layer and args.device != "cpu":
+        rows += measure(_gpt_oss("bench-gpt-oss-20b-layer", 32), 1, tokens, args.device, args.replays)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+        (Path(args.out) / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return 0

@@ -1,0 +1,18 @@
+"""The end-to-end benchmark script runs (on CPU: tiny shapes, a smoke test of the
+script; the numbers come from a GPU)."""
+
+import json
+
+from fusion_passes.bench import e2e
+
+
+def test_e2e_bench_smoke_on_cpu(tmp_path, capsys):
+    argv = ["--device", "cpu", "--models", "qwen3-moe,gpt-oss-e32", "--tokens", "3", "--layers", "1"]
+    assert e2e.main([*argv, "--replays", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["smoke-qwen3-moe", "smoke-gpt-oss-e32"]
+    for row in rows:
+        assert row["counts"]["router_gemm"] == 1 and row["counts"]["nan_safe_routing"] == 1
+        assert row["relative_difference"] < 1e-2
+        assert row["inductor_step_us"] > 0 and row["fusion_passes_router_routing_us"] > 0
+    assert "router+routing" in capsys.readouterr().out
