@@ -181,3 +181,14 @@ with torch.no_grad():
     trace = "".join(p.read_text() for p in tmp_path.iterdir())
     for name in ("fusion_passes_router_gemm_before", "fusion_passes_router_gemm_after", "fusion_passes_nan_safe_routing_after"):
         assert f'"name": "{name}"' in trace
+
+
+def test_report_sums_over_recompiles():
+    torch._dynamo.reset()
+    backend = fusion_passes.Backend(codegen=False)
+    compiled = torch.compile(Router("softmax_topk"), backend=backend, dynamic=False)
+    with torch.no_grad():
+        compiled(torch.randn(4, H))
+        compiled(torch.randn(6, H))  # a new static shape: a recompile, a second graph
+    assert [g.counts["router_gemm"] for g in backend.report.graphs] == [1, 1]
+    assert_matches(backend.report, router_gemm=2, nan_safe_routing=2)
