@@ -41,6 +41,12 @@ class Backend:
         if isinstance(installed, PassManager):  # our own, from an enclosing compile
             installed = installed.user_pass
         manager = PassManager(self.config, user_pass=installed)
+        if any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+            # Build/load the kernels now, not on the first call, which may be inside a
+            # CUDA-graph capture.
+            from . import kernels
+
+            kernels.load()
         _apply_runtime_settings(self.config)
 
         index = len(self.report.graphs)
