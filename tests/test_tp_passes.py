@@ -188,3 +188,17 @@ def test_dtensor_rowwise_parallel_counts():
         x, res = torch.randn(5, H), torch.randn(5, H)
         backend, _, _ = compile_and_run(model, x, res, codegen=False)
     assert_matches(backend.report, allreduce_rmsnorm=1)
+
+
+def test_eps_that_is_not_a_constant_is_not_fused(group):
+    """dynamic=True makes a module's float eps a graph input; the op needs a constant."""
+
+    class TensorEps(Block):
+        def forward(self, x, res, eps):
+            h = funcol.all_reduce(self.proj(x), "sum", self.group) + res
+            t = h.float()
+            return self.weight * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype), h
+
+    x, res = torch.randn(5, H), torch.randn(5, H)
+    backend, _, _ = compile_and_run(TensorEps(group), x, res, torch.tensor(1e-6), codegen=False)
+    assert backend.report.counts["allreduce_rmsnorm"] == 0
