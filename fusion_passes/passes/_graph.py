@@ -150,20 +150,27 @@ def evaluate_fake(target, args: Sequence, kwargs: dict | None = None):
         return target(*[to_value(a) for a in args], **{k: to_value(v) for k, v in kwargs.items()})
 
 
-def insert_call(graph: Graph, target, args: Sequence, kwargs: dict | None = None) -> Node:
-    """Insert ``target(*args)`` at the graph's current insertion point, with meta['val']."""
+def insert_call(graph: Graph, target, args: Sequence, kwargs: dict | None = None, origin: Node | None = None) -> Node:
+    """Insert ``target(*args)`` at the graph's current insertion point, with meta['val'],
+    and the source location of ``origin`` (the node it replaces) for dumps and profiles."""
     node = graph.call_function(target, tuple(args), kwargs or {})
     node.meta["val"] = evaluate_fake(target, args, kwargs)
+    if origin is not None and "stack_trace" in origin.meta:
+        node.meta["stack_trace"] = origin.meta["stack_trace"]
     return node
 
 
-def insert_multi_output(graph: Graph, target, args: Sequence, kwargs: dict | None = None) -> list[Node]:
+def insert_multi_output(
+    graph: Graph, target, args: Sequence, kwargs: dict | None = None, origin: Node | None = None
+) -> list[Node]:
     """Insert a call of an op with several outputs and one getitem per output."""
-    call = insert_call(graph, target, args, kwargs)
+    call = insert_call(graph, target, args, kwargs, origin)
     outputs = []
     for index, value in enumerate(call.meta["val"]):
         item = graph.call_function(operator.getitem, (call, index))
         item.meta["val"] = value
+        if "stack_trace" in call.meta:
+            item.meta["stack_trace"] = call.meta["stack_trace"]
         outputs.append(item)
     return outputs
 
@@ -183,7 +190,7 @@ def cast_to(graph: Graph, node: Node, dtype: torch.dtype) -> Node:
     """``node`` converted to ``dtype`` (no node when it already has it)."""
     if fake(node).dtype == dtype:
         return node
-    return insert_call(graph, prims.convert_element_type.default, (node, dtype))
+    return insert_call(graph, prims.convert_element_type.default, (node, dtype), origin=node)
 
 
 def replace_with(graph: Graph, old: Node, new: Node) -> None:

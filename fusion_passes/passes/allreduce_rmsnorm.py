@@ -169,6 +169,7 @@ def replace(graph: Graph, found: FusionMatch) -> None:
             graph,
             ops.fused_allreduce_rmsnorm,
             (found.allreduce.input, found.residual, found.norm.weight, found.norm.eps, found.allreduce.group_name),
+            origin=found.norm.output,
         )
         replace_with(graph, found.norm.output, out)
         replace_with(graph, found.hidden, hidden)

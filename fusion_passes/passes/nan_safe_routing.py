@@ -209,6 +209,7 @@ def replace(graph: Graph, found: RoutingMatch) -> None:
             graph,
             ops.topk_routing,
             (found.logits, found.k, found.scoring, found.renormalize, found.correction_bias),
+            origin=found.topk,
         )
         if found.weights is not None:
             replace_with(graph, found.weights, weights)

@@ -134,7 +134,7 @@ def match(node: Node, config: PassConfig) -> RouterMatch | None:
 def replace(graph: Graph, found: RouterMatch) -> None:
     replaced = upstream(found.output, {found.x, found.weight, found.bias})
     with graph.inserting_before(found.output):
-        logits = insert_call(graph, ops.router_gemm, (found.x, found.weight, found.bias))
+        logits = insert_call(graph, ops.router_gemm, (found.x, found.weight, found.bias), origin=found.output)
         replace_with(graph, found.output, logits)
     erase_unused(replaced)
 

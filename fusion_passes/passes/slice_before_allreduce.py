@@ -58,8 +58,9 @@ def match(allreduce: AllReduce) -> tuple[AllReduce, int] | None:
 
 def replace(graph: Graph, allreduce: AllReduce, width: int) -> None:
     with graph.inserting_before(allreduce.output if allreduce.custom_op else allreduce.output.args[0]):
-        kept = insert_call(graph, aten.slice.Tensor, (allreduce.input, -1, 0, width))
-        contiguous = insert_call(graph, aten.clone.default, (kept,), {"memory_format": torch.contiguous_format})
+        origin = allreduce.output
+        kept = insert_call(graph, aten.slice.Tensor, (allreduce.input, -1, 0, width), origin=origin)
+        contiguous = insert_call(graph, aten.clone.default, (kept,), {"memory_format": torch.contiguous_format}, origin)
         reduced = allreduce.rebuild(graph, contiguous)
     for user in list(allreduce.output.users):
         user.replace_all_uses_with(reduced)
