@@ -154,8 +154,9 @@ def measure(cfg: ModelConfig, layers: int, tokens: list[int], device: str, repla
     router = RouterAndRouting(model.layers[0].mlp)
     rows = []
     for num_tokens in tokens:
-        ids = torch.randint(0, cfg.vocab_size, (num_tokens,), device=device)
-        hidden = torch.randn(num_tokens, cfg.hidden_size, dtype=dtype, device=device)
+        generator = torch.Generator(device).manual_seed(num_tokens)
+        ids = torch.randint(0, cfg.vocab_size, (num_tokens,), device=device, generator=generator)
+        hidden = torch.randn(num_tokens, cfg.hidden_size, dtype=dtype, device=device, generator=generator)
         row = {"model": cfg.name, "layers": layers, "T": num_tokens}
         outputs = {}
         for backend_name in ("inductor", "fusion_passes"):
