@@ -40,6 +40,11 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--disable", default="", help="comma-separated passes to turn off")
     parser.add_argument("--dump-dir", default=None, help="write before/after graphs here (default: a new temp dir)")
+    parser.add_argument(
+        "--no-codegen",
+        action="store_true",
+        help="run the passes but not Inductor's code generation: the same counts, much faster",
+    )
 
 
 @contextlib.contextmanager
@@ -73,7 +78,7 @@ def compile_builtin(args) -> tuple:
     dump_dir = args.dump_dir or tempfile.mkdtemp(prefix=f"fusion_passes_{args.model}_")
     config = PassConfig(dump_dir=dump_dir, **{name: False for name in disabled})
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backend = Backend(config)
+    backend = Backend(config, codegen=not args.no_codegen)
     with _tp_group(args.tp) as group, torch.no_grad():
         model = build_model(args.model, args.layers, dtype=getattr(torch, args.dtype), device=device, tp_group=group)
         (input_ids,) = example_inputs(model, args.tokens)
