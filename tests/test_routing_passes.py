@@ -254,3 +254,19 @@ def test_gpu_online_softmax_form():
     (w, ids), (w_ref, ids_ref) = gm(logits), routing(logits)
     torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
     torch.testing.assert_close(w, w_ref)
+
+
+def test_addmm_with_a_broadcast_bias_is_not_a_router():
+    class BroadcastBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(E, H))
+            self.bias = torch.nn.Parameter(torch.randn(1))  # one value broadcast over experts
+
+        def forward(self, x):
+            logits = torch.addmm(self.bias, x, self.weight.t())
+            return torch.topk(torch.softmax(logits, dim=-1), 2, dim=-1)
+
+    counts, outs, refs, _ = run(BroadcastBias(), torch.randn(5, H))
+    assert counts["router_gemm"] == 0 and counts["nan_safe_routing"] == 1
+    torch.testing.assert_close(outs[0], refs[0])

@@ -55,6 +55,8 @@ from ._graph import (
 )
 
 NAME = "allreduce_rmsnorm"
+# The op normalises in fp32 and rounds once to these.
+NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @dataclasses.dataclass
@@ -143,7 +145,7 @@ def _weighted(normalized: Node, dtype: torch.dtype, hidden_size: int) -> tuple[N
 def match(allreduce: AllReduce) -> FusionMatch | None:
     reduced = allreduce.output
     reduced_value = fake(reduced)
-    if reduced_value is None or reduced_value.dim() < 1:
+    if reduced_value is None or reduced_value.dim() < 1 or reduced_value.dtype not in NORM_DTYPES:
         return None
     norm = rmsnorm_of(reduced)
     if norm is not None:

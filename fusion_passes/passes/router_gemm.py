@@ -119,8 +119,13 @@ def match(node: Node, config: PassConfig) -> RouterMatch | None:
         return None
     if bias is not None:
         bias_value = fake(bias)
-        # addmm also broadcasts a [T, E] or scalar "bias"; only a per-expert [E] is a router bias.
-        if bias_value is None or bias_value.dim() != 1 or bias_value.dtype != x_value.dtype:
+        # addmm also broadcasts a [T, E], [1] or scalar "bias"; only a per-expert [E] is a router bias.
+        if (
+            bias_value is None
+            or bias_value.dim() != 1
+            or bias_value.shape[0] != num_experts
+            or bias_value.dtype != x_value.dtype
+        ):
             return None
         output = node
     else:
