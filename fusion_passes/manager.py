@@ -81,8 +81,6 @@ class PassManager(CustomGraphPass):
         dump_dir = self.config.resolved_dump_dir()
         counts = {}
         for step, name in enumerate(self.config.enabled_passes()):
-            if name not in PASSES:
-                continue
             self._record(graph, dump_dir, context.name, step, name, "before")
             counts[name] = PASSES[name].apply(graph, self.config)
             if counts[name]:
