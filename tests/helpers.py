@@ -66,3 +66,8 @@ def gloo_process_group(rank: int, world_size: int, port: int, timeout_s: int = 1
         yield dist.group.WORLD
     finally:
         dist.destroy_process_group()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in fp32."""
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()

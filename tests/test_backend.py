@@ -123,11 +123,24 @@ def test_dumps_and_inspect(tmp_path, capsys):
     assert summary["counts"]["router_gemm"] == 1 and summary["graphs"][0]["counts"]["nan_safe_routing"] == 1
     files = sorted(p.name for p in (tmp_path / "graph_000").iterdir())
     assert "02_router_gemm.before.py" in files and "03_nan_safe_routing.after.py" in files
-    assert 'f32[4, 8]' in (tmp_path / "graph_000" / "02_router_gemm.after.py").read_text()  # shapes and dtypes
+    assert "f32[4, 8]" in (tmp_path / "graph_000" / "02_router_gemm.after.py").read_text()  # shapes and dtypes
     assert cli.main(["inspect", str(tmp_path), "--pass", "router_gemm"]) == 0
     out = capsys.readouterr().out
     assert "+" in out and "fusion_passes.router_gemm" in out and "aten.mm" in out
     assert cli.main(["inspect", str(tmp_path / "nope")]) == 2
+
+
+def test_inspect_numbers_graphs_as_its_table_does(tmp_path, capsys):
+    # A backward graph compiled at .backward() lands in graph_extra_000, which the table calls graph 1.
+    graph = torch.fx.symbolic_trace(torch.nn.ReLU()).graph
+    for name in ("graph_000", "graph_extra_000"):
+        for stage in ("before", "after"):
+            dump.write_stage(tmp_path, name, 0, "router_gemm", stage, graph)
+        dump.update_summary(tmp_path, name, {"router_gemm": 0})
+    assert "graph 1 = graph_extra_000" in dump.describe(tmp_path)
+    assert dump.diff(tmp_path, "router_gemm", 1) == "# graph_extra_000: router_gemm changed nothing\n"
+    assert cli.main(["inspect", str(tmp_path), "--pass", "router_gemm", "--graph", "2"]) == 2
+    assert "has no graph 2; its graphs are 0..1" in capsys.readouterr().err
 
 
 def test_dump_dir_from_environment(tmp_path, monkeypatch):
@@ -155,14 +168,14 @@ def test_bad_config_is_rejected():
         fusion_passes.PassConfig(allreduce_ops=("all_reduce",))
 
 
-
-
 def test_reused_dump_dir_describes_the_latest_compilation(tmp_path):
     config = fusion_passes.PassConfig(dump_dir=str(tmp_path))
     for form, routers in (("softmax_topk", 1), ("topk_softmax", 1)):
         torch._dynamo.reset()
         with torch.no_grad():
-            torch.compile(Router(form, bias=True), backend=fusion_passes.Backend(config, codegen=False))(torch.randn(4, H))
+            torch.compile(Router(form, bias=True), backend=fusion_passes.Backend(config, codegen=False))(
+                torch.randn(4, H)
+            )
         summary = json.loads((tmp_path / "summary.json").read_text())
         assert summary["counts"]["router_gemm"] == routers and len(summary["graphs"]) == 1
 
@@ -175,11 +188,19 @@ torch._inductor.config.force_disable_caches = True
 with torch.no_grad():
     torch.compile(Router("softmax_topk"), backend=fusion_passes.Backend())(torch.randn(4, H))
 """
-    env = dict(os.environ, TORCH_TRACE=str(tmp_path), PYTHONPATH=os.path.dirname(__file__))
+    env = dict(
+        os.environ,
+        TORCH_TRACE=str(tmp_path),
+        PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")])),
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     trace = "".join(p.read_text() for p in tmp_path.iterdir())
-    for name in ("fusion_passes_router_gemm_before", "fusion_passes_router_gemm_after", "fusion_passes_nan_safe_routing_after"):
+    for name in (
+        "fusion_passes_router_gemm_before",
+        "fusion_passes_router_gemm_after",
+        "fusion_passes_nan_safe_routing_after",
+    ):
         assert f'"name": "{name}"' in trace
 
 

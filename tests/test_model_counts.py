@@ -4,7 +4,7 @@ output against eager; the TP gpt-oss layer before and after the tensor-parallel 
 import pytest
 import torch
 from expecttest import TestCase
-from helpers import compile_and_run, region
+from helpers import compile_and_run, region, relative_error
 
 import fusion_passes
 from fusion_passes import ops
@@ -64,8 +64,7 @@ def test_tensor_parallel_counts_world_sizes_4_and_8(name, tp):
 def test_bf16_gpt_oss_matches_eager_within_bf16_tolerance():
     backend, out, ref, _ = compile_model("gpt-oss", layers=2, dtype=torch.bfloat16)
     assert_matches(backend.report, router_gemm=2, nan_safe_routing=2)
-    relative_error = (out.float() - ref.float()).norm() / ref.float().norm()
-    assert relative_error < 1e-2, relative_error  # bf16 operands: 1e-3..1e-2
+    assert relative_error(out, ref) < 1e-2  # bf16 operands: 1e-3..1e-2
 
 
 def test_disabled_passes_do_not_fire():
@@ -122,13 +121,25 @@ getitem_5: f32[s, 80] = getitem(fused_allreduce_rmsnorm_2, 1)""",
 def test_cuda_counts_and_numerics(name, dtype):
     """Inductor's GPU graphs differ from its CPU ones (online softmax, Triton lowering):
     the same counts, and the compiled model (running the CUDA kernels where loaded)
-    agrees with eager."""
+    agrees with eager.
+
+    In bf16 the bar is stock Inductor: its fused kernels round differently from eager,
+    and where routing scores are nearly tied (DeepSeek's sigmoid scores sit close
+    together) that flips an expert choice, in stock Inductor as much as with the
+    passes (0.26 relative error for both on the CPU, bitwise equal outputs). So the
+    passes may differ from eager by at most what stock Inductor does, plus bf16 noise."""
     torch._dynamo.reset()
     model = build_model(name, 2, dtype=dtype, device="cuda")
     (ids,) = example_inputs(model, 6)
     backend, out, _ = compile_and_run(model, ids)
     assert_matches(backend.report, **expected_counts(name, 2, 1))
     with torch.no_grad():
-        ref = model(ids)
-    relative_error = (out.float() - ref.float()).norm() / ref.float().norm()
-    assert relative_error < (1e-5 if dtype == torch.float32 else 1e-2), relative_error
+        eager = model(ids)
+    if dtype == torch.float32:
+        assert relative_error(out, eager) < 1e-5
+        return
+    torch._dynamo.reset()
+    with torch.no_grad():
+        stock = torch.compile(model)(ids)
+    passes_error, stock_error = relative_error(out, eager), relative_error(stock, eager)
+    assert passes_error < max(1e-2, 1.25 * stock_error), (passes_error, stock_error)

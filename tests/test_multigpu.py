@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import relative_error
 
 import fusion_passes
 from fusion_passes.models import build_model, example_inputs
@@ -24,10 +25,6 @@ def group():
         dist.init_process_group("nccl")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     yield dist.group.WORLD
-
-
-def relative_error(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def test_tp_gpt_oss_bf16_compiled_with_all_passes(group):
