@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="read a dump directory")
     inspect.add_argument("dir")
     inspect.add_argument("--pass", dest="pass_name", choices=PASS_NAMES, help="show this pass's before/after diff")
-    inspect.add_argument("--graph", type=int, default=None, help="only this graph's diff")
+    inspect.add_argument("--graph", type=int, default=None, help="only graph N's diff, numbered as in the table")
     inspect.set_defaults(run=_inspect)
 
     bench = commands.add_parser("bench", help="run a benchmark (fusion_passes/bench/NAME.py)")

@@ -91,11 +91,24 @@ def describe(root) -> str:
     return f"dump: {Path(root).resolve()} ({names})\n" + report.table()
 
 
+def _graph_dirs(root) -> list[Path]:
+    """The graph directories in the order ``describe`` numbers them (summary.json's)."""
+    path = Path(root) / SUMMARY
+    if path.exists():
+        return [Path(root) / g["dir"] for g in json.loads(path.read_text())["graphs"]]
+    return sorted(Path(root).glob("graph_*"))
+
+
 def diff(root, pass_name: str, index: int | None = None) -> str:
-    """Unified diff of the graphs before and after ``pass_name`` (every graph, or one)."""
+    """Unified diff of the graphs before and after ``pass_name``: every graph, or graph
+    ``index`` as ``describe`` numbers it (graph_extra_* directories included)."""
     if pass_name not in PASS_NAMES:
         raise ValueError(f"unknown pass {pass_name!r}; passes are {list(PASS_NAMES)}")
-    dirs = sorted(Path(root).glob("graph_*")) if index is None else [Path(root) / graph_dir_name(index)]
+    dirs = _graph_dirs(root)
+    if index is not None:
+        if not 0 <= index < len(dirs):
+            raise ValueError(f"{root} has no graph {index}; its graphs are 0..{len(dirs) - 1}")
+        dirs = [dirs[index]]
     out = []
     for directory in dirs:
         for before in sorted(directory.glob(f"*_{pass_name}.before.py")):
