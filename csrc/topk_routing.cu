@@ -10,29 +10,38 @@
 //    bucket (1, 2, 4, 6, 8, 12, 16) >= ceil(E/32), so every register array is indexed with
 //    compile-time constants. Loads are 16 bytes (or the widest that divides VPL) when the row
 //    is aligned, element-wise otherwise (any E, any row stride).
-//  * Every expert gets a 32-bit selection key that orders like the selection score:
-//    finite scores map to an order-preserving integer (+0 and -0 equal), and
-//      kTakenKey (0)   = already selected, or a padding slot past E,
-//      kInvalidKey (1) = NaN logit or NaN score, below every finite score.
-//    Without a correction bias the score is the clamped logit itself; with one it is p + bias.
-//  * k rounds of warp argmax: each lane keeps its best (key, slot), found by a tournament tree
-//    that keeps the lower slot on ties; __reduce_max_sync finds the best key and the lowest
-//    lane holding it wins (lane order = expert order), so ties go to the lower expert index.
-//    The winner marks its slot taken and every lane re-runs its tree (branch-free). Lane r
-//    remembers the round-r winner, so the ids come out in descending order, and all-invalid
-//    rows get ids 0..k-1 like the reference.
+//  * Every expert becomes one unsigned *entry*: a selection key that orders like the selection
+//    score, above the bits of 511 - e. Entries are distinct, a larger one is the better expert,
+//    and equal keys go to the lower index, so the top-k entries of the row are the answer.
+//    Keys: finite scores map to an order-preserving integer (+0 and -0 equal), a NaN logit or
+//    NaN score to kInvalidKey (1), below every finite score; entry 0 means taken (already
+//    selected, or a padding slot past E). Without a correction bias the score is the logit
+//    itself, and for bf16/fp16 logits its 16-bit key is exact: the entry is 32 bits (key << 16)
+//    and one __reduce_max_sync finds the best expert. Otherwise (fp32 logits, or p + bias) the
+//    key takes 32 bits and the entry 64; the round reduces the keys, and among the lanes that
+//    hold the best key the lowest wins (lane order is expert order), as a ballot says.
+//  * Each lane sorts its VPL entries once (Batcher's odd-even merge network, comparators past
+//    VPL dropped), then k rounds: the warp's best head is the next expert, and the lane that
+//    held it shifts its list by one (VPL independent selects, the new head one of them). Lane r
+//    keeps the round-r entry, so the ids come out in descending order; all-invalid rows get
+//    ids 0..k-1 like the reference.
 //  * Weights: lane r < k computes p of its expert with an exp within 1 ulp (range reduction,
 //    degree-7 polynomial; the --use_fast_math __expf loses |t|*1e-7 relative) and IEEE division
 //    and addition in inline PTX without .ftz, so subnormal probabilities and sums come out as
 //    the reference computes them (--use_fast_math flushes subnormals in C++ arithmetic).
 //    Renormalization sums over the k lanes; a zero sum gives 1/k (rounded from double on the
 //    host, as Python does).
-//  * Without a bias the selection keys are the logit keys, so round 0 yields the softmax max and
-//    each lane's round key decodes to its expert's logit; renormalized softmax weights are
-//    exp(x - max) / their sum, the softmax denominator cancels: that path (the common one) has
-//    no pass over the row after the rounds. Otherwise the softmax sum takes an exp of about
-//    2 ulp (ex2.approx corrected for the rounding of t*log2(e)) and a warp reduction; with a
-//    bias, p + bias of every expert is needed before the rounds, and lane r reloads its logit.
+//  * Without a bias the keys decode back to the clamped logits: round 0 yields the softmax max,
+//    lane r's entry its expert's logit, and for renormalized softmax weights, exp(x - max) / their
+//    sum, the softmax denominator cancels: that path (the common one) has no pass over the row
+//    after the rounds. Otherwise the softmax sum takes an exp of about 2 ulp (ex2.approx
+//    corrected for the rounding of t*log2(e)) and a warp reduction; with a bias, p + bias of
+//    every expert is needed before the rounds, and lane r reloads its logit.
+//  * Programmatic dependent launch: the kernel is launched with programmatic stream
+//    serialization and reads or writes global memory only after griddepcontrol.wait, which
+//    returns once the grids before it have completed and their stores are visible. It releases
+//    its own dependents right after that wait: they wait for this grid's completion in turn, so
+//    the early release only lets their launch overlap this grid's work.
 //
 // NaN policy (as the reference): +-Inf logits and bias are clamped to +-FLT_MAX; a NaN logit is
 // invalid (p = 0, ranked below every valid expert, among invalid ones by index); with a bias, a
@@ -49,6 +58,8 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 namespace {
 
@@ -61,6 +72,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 constexpr uint32_t kTakenKey = 0;
 constexpr uint32_t kInvalidKey = 1;
+constexpr uint32_t kIndexMask = kMaxExperts - 1;  // the entry bits of 511 - e
 
 enum class LogitFormat { kFloat32, kBFloat16, kFloat16 };
 enum class BiasFormat : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
@@ -170,28 +182,50 @@ __device__ __forceinline__ float exp_accurate(float t) {
 // ------------------------------------------------------------------------------------ loading
 
 template <LogitFormat F>
-struct LogitStorage;
-template <>
-struct LogitStorage<LogitFormat::kFloat32> {
-  using type = uint32_t;
-};
-template <>
-struct LogitStorage<LogitFormat::kBFloat16> {
-  using type = uint16_t;
-};
-template <>
-struct LogitStorage<LogitFormat::kFloat16> {
-  using type = uint16_t;
-};
+using LogitStorage = std::conditional_t<F == LogitFormat::kFloat32, uint32_t, uint16_t>;
 
 template <LogitFormat F>
-__device__ __forceinline__ float logit_to_float(typename LogitStorage<F>::type bits) {
+__device__ __forceinline__ float logit_to_float(LogitStorage<F> bits) {
   if constexpr (F == LogitFormat::kFloat32) {
     return __uint_as_float(bits);
   } else if constexpr (F == LogitFormat::kBFloat16) {
     return __uint_as_float(static_cast<uint32_t>(bits) << 16);
   } else {
     return __half2float(__ushort_as_half(bits));
+  }
+}
+
+// A NaN in every format: the contents of the slots past E.
+template <LogitFormat F>
+constexpr LogitStorage<F> kNanBits = F == LogitFormat::kFloat32 ? 0x7fffffffu : 0x7fffu;
+
+// Order-preserving 16-bit key of a bf16 or fp16 logit, the same order as the clamped fp32 value
+// (+-Inf sit just beyond the largest finite 16-bit values, where +-FLT_MAX sits): finite and
+// infinite values map to [0x7f, 0xff80] (bf16) or [0x3ff, 0xfc00] (fp16), all above
+// kInvalidKey; NaN maps to kInvalidKey; -0 and +0 share a key.
+template <LogitFormat F>
+__device__ __forceinline__ uint32_t half_key(uint32_t bits) {
+  constexpr uint32_t kInfinityBits = F == LogitFormat::kBFloat16 ? 0x7f80u : 0x7c00u;
+  const uint32_t magnitude = bits & 0x7fffu;
+  if (magnitude > kInfinityBits) return kInvalidKey;
+  if (magnitude == 0) bits = 0;
+  return (bits & 0x8000u) ? (~bits & 0xffffu) : (bits | 0x8000u);
+}
+
+// The clamped fp32 logit of a half_key above kInvalidKey.
+template <LogitFormat F>
+__device__ __forceinline__ float half_key_to_float(uint32_t key) {
+  const uint32_t bits = (key & 0x8000u) ? (key & 0x7fffu) : (~key & 0xffffu);
+  return clamp_infinity(logit_to_float<F>(static_cast<uint16_t>(bits)));
+}
+
+// The clamped fp32 logit of a selection key above kInvalidKey, made without a bias.
+template <LogitFormat F, bool kHalfKeys>
+__device__ __forceinline__ float key_to_logit(uint32_t key) {
+  if constexpr (kHalfKeys) {
+    return half_key_to_float<F>(key);
+  } else {
+    return key_to_float(key);
   }
 }
 
@@ -203,36 +237,36 @@ struct alignas(sizeof(S) * N) Packet {
 // Elements per vector load: the largest power of two that divides VPL and fits in 16 bytes.
 template <LogitFormat F, int VPL>
 constexpr int vector_width() {
-  constexpr int max_width = 16 / static_cast<int>(sizeof(typename LogitStorage<F>::type));
+  constexpr int max_width = 16 / static_cast<int>(sizeof(LogitStorage<F>));
   int width = 1;
   while (width * 2 <= max_width && VPL % (width * 2) == 0) width *= 2;
   return width;
 }
 
-// Loads the lane's experts [first, first + VPL) of one row as fp32; slots past E get NaN.
+// Loads the raw bits of the lane's experts [first, first + VPL) of one row; slots past E get NaN.
 template <LogitFormat F, int VPL>
-__device__ __forceinline__ void load_logits(const typename LogitStorage<F>::type* row, int first,
-                                            int num_experts, bool vector_loads, float (&x)[VPL]) {
-  using S = typename LogitStorage<F>::type;
+__device__ __forceinline__ void load_logits(const LogitStorage<F>* row, int first, int num_experts, bool vector_loads,
+                                            LogitStorage<F> (&raw)[VPL]) {
+  using S = LogitStorage<F>;
   constexpr int kWidth = vector_width<F, VPL>();
-  const float nan = __uint_as_float(0x7fffffffu);
   if (kWidth > 1 && vector_loads) {
     // The host guarantees: E % kWidth == 0 and the row start is kWidth-element aligned.
 #pragma unroll
     for (int c = 0; c < VPL / kWidth; ++c) {
       const int e = first + c * kWidth;
+      Packet<S, kWidth> packet;
       if (e < num_experts) {
-        const Packet<S, kWidth> packet = *reinterpret_cast<const Packet<S, kWidth>*>(row + e);
-#pragma unroll
-        for (int i = 0; i < kWidth; ++i) x[c * kWidth + i] = logit_to_float<F>(packet.v[i]);
+        packet = *reinterpret_cast<const Packet<S, kWidth>*>(row + e);
       } else {
 #pragma unroll
-        for (int i = 0; i < kWidth; ++i) x[c * kWidth + i] = nan;
+        for (int i = 0; i < kWidth; ++i) packet.v[i] = kNanBits<F>;
       }
+#pragma unroll
+      for (int i = 0; i < kWidth; ++i) raw[c * kWidth + i] = packet.v[i];
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < VPL; ++j) x[j] = first + j < num_experts ? logit_to_float<F>(row[first + j]) : nan;
+    for (int j = 0; j < VPL; ++j) raw[j] = first + j < num_experts ? row[first + j] : kNanBits<F>;
   }
 }
 
@@ -249,6 +283,8 @@ __device__ __forceinline__ float load_bias(const void* bias, BiasFormat format, 
   }
 }
 
+// ------------------------------------------------------------------------------ warp helpers
+
 // Sum over all lanes, result in each.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -262,89 +298,148 @@ __device__ __forceinline__ float warp_sum_keep_subnormal(float v, int lanes) {
   return v;
 }
 
-// exp(x - row_max) of the lane's slots into `terms` (invalid and padding slots give exp(-104) = 0,
+// exp(x - row_max) of the lane's slots into `terms` (NaN and padding slots give exp(-104) = 0,
 // as fast-math flushes it); returns their sum over the row.
 template <int VPL>
-__device__ __forceinline__ float softmax_exp_sum(const float (&x)[VPL], const uint32_t (&logit_key)[VPL], float row_max,
-                                                 float (&terms)[VPL]) {
+__device__ __forceinline__ float softmax_exp_sum(const float (&x)[VPL], float row_max, float (&terms)[VPL]) {
   float lane_sum = 0.0f;
 #pragma unroll
   for (int j = 0; j < VPL; ++j) {
-    terms[j] = exp_flush_subnormal(logit_key[j] > kInvalidKey ? x[j] - row_max : -104.0f);
+    terms[j] = exp_flush_subnormal(is_nan(x[j]) ? -104.0f : x[j] - row_max);
     lane_sum += terms[j];
   }
   return warp_sum(lane_sum);
 }
 
-// The lane's best key and its slot, the lowest slot on ties, by a tournament tree (depth
-// log2(VPL), where a linear scan would be a dependency chain of length VPL).
-template <int VPL>
-__device__ __forceinline__ void lane_argmax(const uint32_t (&key)[VPL], uint32_t& best_key, int& best_slot) {
-  uint32_t node_key[VPL];
-  int node_slot[VPL];
-#pragma unroll
-  for (int j = 0; j < VPL; ++j) {
-    node_key[j] = key[j];
-    node_slot[j] = j;
-  }
-#pragma unroll
-  for (int width = 1; width < VPL; width *= 2) {
-#pragma unroll
-    for (int i = 0; i + width < VPL; i += 2 * width) {
-      // The right subtree holds higher slots: it wins only when strictly better.
-      if (node_key[i + width] > node_key[i]) {
-        node_key[i] = node_key[i + width];
-        node_slot[i] = node_slot[i + width];
+__device__ __forceinline__ void wait_for_prior_grids() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+__device__ __forceinline__ void release_dependent_grids() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// ------------------------------------------------------------------------------------ entries
+
+// The entry of expert e with selection key `key`: 32 bits for a 16-bit key, else 64.
+template <typename Entry>
+constexpr int kKeyShift = sizeof(Entry) == 4 ? 16 : 32;
+
+template <typename Entry>
+__device__ __forceinline__ Entry make_entry(uint32_t key, int e) {
+  return (static_cast<Entry>(key) << kKeyShift<Entry>) | static_cast<Entry>(kIndexMask - e);
+}
+
+template <typename Entry>
+__device__ __forceinline__ uint32_t entry_key(Entry entry) {
+  return static_cast<uint32_t>(entry >> kKeyShift<Entry>);
+}
+
+template <typename Entry>
+__device__ __forceinline__ int entry_expert(Entry entry) {
+  return static_cast<int>(kIndexMask - (static_cast<uint32_t>(entry) & kIndexMask));
+}
+
+// Batcher's odd-even merge sorting network for the next power of two >= N, without the
+// comparators that reach past N: those would meet a padding minimum at the end, which never
+// moves, so they are no-ops. Comparator c orders the pair (first[c], second[c]).
+struct SortingNetwork {
+  int size = 0;
+  int first[64] = {};
+  int second[64] = {};
+};
+
+template <int N>
+constexpr SortingNetwork make_sorting_network() {
+  static_assert(N >= 1 && N <= 16, "sorting networks of at most 16 entries");
+  int pow2 = 1;
+  while (pow2 < N) pow2 *= 2;
+  SortingNetwork network;
+  for (int merged = 1; merged < pow2; merged *= 2) {
+    for (int gap = merged; gap >= 1; gap /= 2) {
+      for (int start = gap % merged; start + gap < pow2; start += 2 * gap) {
+        for (int i = 0; i < gap; ++i) {
+          const int a = start + i;
+          const int b = a + gap;
+          // Only pairs inside one block of 2*merged entries, and none past N.
+          if (b < N && a / (2 * merged) == b / (2 * merged)) {
+            network.first[network.size] = a;
+            network.second[network.size] = b;
+            ++network.size;
+          }
+        }
       }
     }
   }
-  best_key = node_key[0];
-  best_slot = node_slot[0];
+  return network;
+}
+
+template <int N>
+constexpr SortingNetwork kSortingNetwork = make_sorting_network<N>();
+
+template <int A, int B, int N, typename Entry>
+__device__ __forceinline__ void order_pair(Entry (&v)[N]) {
+  const Entry high = v[A] > v[B] ? v[A] : v[B];
+  const Entry low = v[A] > v[B] ? v[B] : v[A];
+  v[A] = high;
+  v[B] = low;
+}
+
+template <int N, typename Entry, int... C>
+__device__ __forceinline__ void apply_sorting_network(Entry (&v)[N], std::integer_sequence<int, C...>) {
+  // Indices as template arguments: every register of v is addressed at compile time.
+  (order_pair<kSortingNetwork<N>.first[C], kSortingNetwork<N>.second[C]>(v), ...);
+}
+
+// Sorts N entries in descending order.
+template <int N, typename Entry>
+__device__ __forceinline__ void sort_descending(Entry (&v)[N]) {
+  apply_sorting_network(v, std::make_integer_sequence<int, kSortingNetwork<N>.size>{});
 }
 
 // ------------------------------------------------------------------------------------- kernel
 
 template <LogitFormat F, int VPL, bool kSigmoid, bool kHasBias>
 __global__ void __launch_bounds__(kThreadsPerBlock) topk_routing_kernel(const RoutingParams p) {
-  using S = typename LogitStorage<F>::type;
+  using S = LogitStorage<F>;
+  // Without a bias a 16-bit logit is its own exact 16-bit selection key.
+  constexpr bool kHalfKeys = F != LogitFormat::kFloat32 && !kHasBias;
+  using Entry = std::conditional_t<kHalfKeys, uint32_t, uint64_t>;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= p.num_rows) return;  // whole warps leave; nothing below synchronizes the block
+  wait_for_prior_grids();
+  release_dependent_grids();
 
   const S* row_logits = static_cast<const S*>(p.logits) + row * p.row_stride;
   const int first = lane * VPL;
-  float x[VPL];
-  load_logits<F, VPL>(row_logits, first, p.num_experts, p.vector_loads, x);
-
-  // Clamped logits and their keys; padding slots past E are taken from the start.
-  uint32_t logit_key[VPL];
+  S raw[VPL];
+  load_logits<F, VPL>(row_logits, first, p.num_experts, p.vector_loads, raw);
+  float x[VPL];  // clamped logits, NaN in padding slots (only the paths that need them keep them)
 #pragma unroll
-  for (int j = 0; j < VPL; ++j) {
-    x[j] = clamp_infinity(x[j]);
-    logit_key[j] = first + j < p.num_experts ? score_key(x[j]) : kTakenKey;
-  }
+  for (int j = 0; j < VPL; ++j) x[j] = clamp_infinity(logit_to_float<F>(raw[j]));
 
-  // Selection keys: the logit keys, or with a correction bias those of p + bias, for which the
-  // softmax statistics (max and sum of exp(x - max) over the valid logits) come first.
-  uint32_t key[VPL];
-#pragma unroll
-  for (int j = 0; j < VPL; ++j) key[j] = logit_key[j];
+  // The lane's entries; with a correction bias the softmax statistics (max and sum of
+  // exp(x - max) over the valid logits) come first.
+  Entry list[VPL];
   float row_max = 0.0f;  // softmax: the largest valid logit, 0 if none
   float exp_sum = 0.0f;  // softmax: sum of exp(x - row_max) over the valid logits
   if constexpr (kHasBias) {
+    uint32_t logit_key[VPL];
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) logit_key[j] = score_key(x[j]);
     float exp_shifted[VPL];
     if constexpr (!kSigmoid) {
       uint32_t lane_max = kTakenKey;
 #pragma unroll
-      for (int j = 0; j < VPL; ++j) lane_max = max(lane_max, logit_key[j]);
+      for (int j = 0; j < VPL; ++j) lane_max = max(lane_max, logit_key[j]);  // padding is NaN: kInvalidKey
       const uint32_t max_key = __reduce_max_sync(kFullMask, lane_max);
       if (max_key > kInvalidKey) row_max = key_to_float(max_key);
-      exp_sum = softmax_exp_sum<VPL>(x, logit_key, row_max, exp_shifted);
+      exp_sum = softmax_exp_sum<VPL>(x, row_max, exp_shifted);
     }
     const float inv_exp_sum = __frcp_rn(fmaxf(exp_sum, FLT_MIN));
 #pragma unroll
     for (int j = 0; j < VPL; ++j) {
-      if (logit_key[j] > kInvalidKey) {
+      uint32_t key = logit_key[j];
+      if (key > kInvalidKey) {
         float prob;
         if constexpr (kSigmoid) {
           prob = __frcp_rn(1.0f + exp_flush_subnormal(-x[j]));
@@ -352,51 +447,60 @@ __global__ void __launch_bounds__(kThreadsPerBlock) topk_routing_kernel(const Ro
           prob = exp_shifted[j] * inv_exp_sum;
         }
         const float bias = clamp_infinity(load_bias(p.bias, p.bias_format, first + j));
-        key[j] = score_key(clamp_infinity(prob + bias));
+        key = score_key(clamp_infinity(prob + bias));
       }
+      list[j] = first + j < p.num_experts ? make_entry<Entry>(key, first + j) : Entry(0);
     }
-  }
-
-  // k rounds of warp argmax. best_key/best_slot: the lane's best untaken slot, lowest on ties.
-  // Branch-free: every lane re-runs its tournament, only the winner's keys changed.
-  const unsigned lower_lanes = (1u << lane) - 1;
-  uint32_t best_key;
-  int best_slot;
-  lane_argmax<VPL>(key, best_key, best_slot);
-  int selected_id = 0;                // lane r < k: the id chosen in round r
-  uint32_t selected_key = kTakenKey;  // and its selection key
-  uint32_t max_key = kTakenKey;       // the key chosen in round 0
-  for (int round = 0; round < p.k; ++round) {
-    const uint32_t top_key = __reduce_max_sync(kFullMask, best_key);
-    const unsigned holders = __ballot_sync(kFullMask, best_key == top_key);
-    const bool is_winner = best_key == top_key && (holders & lower_lanes) == 0;
-    // Bookkeeping off the critical path of the next round.
-    const int winner = __ffs(holders) - 1;
-    const int winner_slot = __shfl_sync(kFullMask, best_slot, winner);
-    if (lane == round) {
-      selected_id = winner * VPL + winner_slot;
-      selected_key = top_key;
-    }
-    max_key = round == 0 ? top_key : max_key;
-    const int taken_slot = is_winner ? best_slot : -1;
+  } else {
 #pragma unroll
-    for (int j = 0; j < VPL; ++j) key[j] = j == taken_slot ? kTakenKey : key[j];
-    lane_argmax<VPL>(key, best_key, best_slot);
+    for (int j = 0; j < VPL; ++j) {
+      const uint32_t key = kHalfKeys ? half_key<F>(raw[j]) : score_key(x[j]);
+      list[j] = first + j < p.num_experts ? make_entry<Entry>(key, first + j) : Entry(0);
+    }
   }
+  sort_descending<VPL>(list);
 
-  // Without a bias the selection keys are the logit keys: round 0 gave the softmax max, and each
-  // lane's key is its expert's clamped logit. With a bias, reload the logit (an L1 hit).
+  // k rounds: the best head of the warp is the next expert; its lane drops it.
+  const unsigned lower_lanes = (1u << lane) - 1;
+  Entry selected = 0;             // lane r < k: the entry chosen in round r
+  uint32_t max_key = kTakenKey;   // the key chosen in round 0
+  for (int round = 0; round < p.k; ++round) {
+    bool is_winner;
+    Entry top;
+    if constexpr (kHalfKeys) {
+      top = __reduce_max_sync(kFullMask, list[0]);
+      is_winner = list[0] == top;
+    } else {
+      const uint32_t head_key = entry_key(list[0]);
+      const uint32_t top_key = __reduce_max_sync(kFullMask, head_key);
+      const unsigned holders = __ballot_sync(kFullMask, head_key == top_key);
+      is_winner = head_key == top_key && (holders & lower_lanes) == 0;
+      // Off the critical path of the next round: the winner's index bits.
+      const uint32_t winner_index = __shfl_sync(kFullMask, static_cast<uint32_t>(list[0]), __ffs(holders) - 1);
+      top = (static_cast<Entry>(top_key) << kKeyShift<Entry>) | winner_index;
+    }
+    if (lane == round) selected = top;
+    if (round == 0) max_key = entry_key(top);
+#pragma unroll
+    for (int j = 0; j + 1 < VPL; ++j) list[j] = is_winner ? list[j + 1] : list[j];
+    list[VPL - 1] = is_winner ? Entry(0) : list[VPL - 1];
+  }
+  const uint32_t selected_key = entry_key(selected);  // kTakenKey in lanes >= k
+  const int selected_id = entry_expert(selected);
+
+  // Without a bias the keys decode to the clamped logits: round 0 gave the softmax max. With
+  // a bias, reload the logit (an L1 hit).
   float selected_logit = __uint_as_float(0x7fffffffu);  // NaN: invalid
   if constexpr (kHasBias) {
     if (lane < p.k) selected_logit = clamp_infinity(logit_to_float<F>(row_logits[selected_id]));
   } else {
-    if (selected_key > kInvalidKey) selected_logit = key_to_float(selected_key);
+    if (selected_key > kInvalidKey) selected_logit = key_to_logit<F, kHalfKeys>(selected_key);
     if constexpr (!kSigmoid) {
-      if (max_key > kInvalidKey) row_max = key_to_float(max_key);
+      if (max_key > kInvalidKey) row_max = key_to_logit<F, kHalfKeys>(max_key);
       // Renormalized softmax weights are exp(x - max) / their sum: exp_sum cancels.
       if (!p.renormalize) {
         float exp_shifted[VPL];
-        exp_sum = softmax_exp_sum<VPL>(x, logit_key, row_max, exp_shifted);
+        exp_sum = softmax_exp_sum<VPL>(x, row_max, exp_shifted);
       }
     }
   }
@@ -428,9 +532,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock) topk_routing_kernel(const Ro
 
 template <LogitFormat F, int VPL, bool kSigmoid, bool kHasBias>
 void launch_kernel(const RoutingParams& params, cudaStream_t stream) {
-  const int64_t blocks = (params.num_rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  topk_routing_kernel<F, VPL, kSigmoid, kHasBias><<<static_cast<unsigned>(blocks), kThreadsPerBlock, 0, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>((params.num_rows + kRowsPerBlock - 1) / kRowsPerBlock));
+  config.blockDim = dim3(kThreadsPerBlock);
+  config.stream = stream;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, topk_routing_kernel<F, VPL, kSigmoid, kHasBias>, params));
 }
 
 template <LogitFormat F, int VPL>

@@ -353,6 +353,49 @@ def test_cuda_graph_replay_with_nan_padding(kernel, scoring, with_bias):
         torch.testing.assert_close(static_weights[num_real:].cpu(), torch.full((max_tokens - num_real, k), 1.0 / k))
 
 
+# --------------------------------------------------------------------- back-to-back launches
+
+CHAIN_KS = (16, 8, 4, 2)
+
+
+def route_chain(logits):
+    """Each call routes the weights of the call before it: (input, weights, ids) per call."""
+    calls = []
+    for k in CHAIN_KS:
+        weights, ids = run_op(logits, k, "softmax", False, None)
+        calls.append((logits, weights, ids))
+        logits = weights
+    return calls
+
+
+@pytest.mark.cuda
+def test_back_to_back_calls_read_the_previous_results(kernel):
+    """The kernel is launched with programmatic dependent launch, so a call may start before
+    the call it reads from has finished; it must see that call's results, eagerly and in a
+    replayed CUDA graph whose buffers still hold the previous replay's values."""
+    gen, seed = fresh_generator()
+    static_logits = make_logits(4096, 64, torch.float32, gen).cuda()
+    for logits, weights, ids in route_chain(static_logits):
+        k = weights.shape[1]
+        assert_matches_reference(logits, k, "softmax", False, None, weights, ids, f"[seed={seed} eager k={k}]")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        route_chain(static_logits)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls = route_chain(static_logits)
+    for replay in range(3):
+        static_logits.copy_(make_logits(4096, 64, torch.float32, gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        for logits, weights, ids in calls:
+            k = weights.shape[1]
+            msg = f"[seed={seed} replay={replay} k={k}]"
+            assert_matches_reference(logits, k, "softmax", False, None, weights, ids, msg)
+
+
 # ---------------------------------------------------------------------------------- bad input
 
 

@@ -7,6 +7,12 @@ REPLAYS_PER_SAMPLE back-to-back replays with CUDA events, and the reported time 
 the median over the samples divided by the calls they made. Logits are bf16 (by default), the
 same buffer for every call, as a router's output would be: hot in L2.
 
+The kernel is launched with programmatic dependent launch (PDL), so back to back each call's
+launch overlaps the call before it, as it overlaps the router GEMM (also PDL) in a model.
+`fused_after_plain_us` shows the other case: each call follows a 1-element add, a kernel
+launched without PDL; it is the time of the add-and-route pair minus the launch floor (the
+time of an add alone).
+
     python -m fusion_passes.bench.routing --out bench_out/routing
 """
 
@@ -97,6 +103,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             tokens = [r["T"] for r in subset]
             for key, label, style in (
                 ("fused_us", "fusion_passes kernel", "o-"),
+                ("fused_after_plain_us", "kernel after a non-PDL kernel", "o:"),
                 ("compiled_us", "torch.compile composite", "s--"),
                 ("eager_us", "eager composite", "^:"),
             ):
@@ -165,7 +172,10 @@ def main(argv: list[str]) -> int:
     launch_floor = time_per_call_us(lambda: one_element.add_(1), *timing)
     print(f"launch floor (a 1-element add per call, same graphs): {launch_floor:.2f} us")
     rows = []
-    header = f"{'E':>4} {'k':>2} {'T':>5} | {'fused us':>9} {'compiled us':>11} {'eager us':>9} | {'vs compiled':>11} {'vs eager':>8}"
+    header = (
+        f"{'E':>4} {'k':>2} {'T':>5} | {'fused us':>9} {'after plain':>11} {'compiled us':>11} {'eager us':>9} | "
+        f"{'vs compiled':>11} {'vs eager':>8}"
+    )
     print(header)
     print("-" * len(header))
     for num_experts in args.experts:
@@ -176,6 +186,8 @@ def main(argv: list[str]) -> int:
                 logits = torch.randn(num_tokens, num_experts, device="cuda").to(dtype)
                 check_agreement(logits, k, compiled)
                 fused = time_per_call_us(lambda: fused_routing(logits, k), *timing)
+                after_plain = time_per_call_us(lambda: (one_element.add_(1), fused_routing(logits, k)), *timing)
+                after_plain -= launch_floor
                 compiled_us = time_per_call_us(lambda: compiled(logits, k), *timing)
                 eager = time_per_call_us(lambda: composite_routing(logits, k), *timing)
                 row = {
@@ -183,6 +195,7 @@ def main(argv: list[str]) -> int:
                     "k": k,
                     "T": num_tokens,
                     "fused_us": round(fused, 3),
+                    "fused_after_plain_us": round(after_plain, 3),
                     "compiled_us": round(compiled_us, 3),
                     "eager_us": round(eager, 3),
                     "speedup_vs_compiled": round(compiled_us / fused, 2),
@@ -190,7 +203,8 @@ def main(argv: list[str]) -> int:
                 }
                 rows.append(row)
                 print(
-                    f"{num_experts:>4} {k:>2} {num_tokens:>5} | {fused:>9.2f} {compiled_us:>11.2f} {eager:>9.2f} | "
+                    f"{num_experts:>4} {k:>2} {num_tokens:>5} | {fused:>9.2f} {after_plain:>11.2f} {compiled_us:>11.2f} "
+                    f"{eager:>9.2f} | "
                     f"{row['speedup_vs_compiled']:>10.1f}x {row['speedup_vs_eager']:>7.1f}x",
                     flush=True,
                 )
