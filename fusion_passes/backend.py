@@ -96,6 +96,10 @@ def _apply_runtime_settings(config: PassConfig) -> None:
         from . import kernels
 
         kernels.set_router_gemm_max_tokens(config.router_gemm_max_tokens)
+    if config.allreduce_max_tokens is not None:
+        from . import fused_allreduce
+
+        fused_allreduce.set_max_tokens(config.allreduce_max_tokens)
 
 
 _by_name = Backend()

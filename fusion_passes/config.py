@@ -30,6 +30,11 @@ class PassConfig:
     # cuBLAS; None keeps the kernel's measured default. Applied process-wide when a
     # graph compiled under this config is installed.
     router_gemm_max_tokens: int | None = None
+    # Token count the fused all-reduce's symmetric-memory workspace is sized for, per process
+    # group (rows of up to 16 KiB, two regions, two halves); None keeps the default (512).
+    # Larger inputs take the NCCL path. Applied when a graph compiled under this config is
+    # installed, to workspaces allocated after that.
+    allreduce_max_tokens: int | None = None
     # Extra all-reduce ops to recognise, as qualified names "namespace::op" with the
     # schema (Tensor x, str group_name) -> Tensor (a serving engine's own all-reduce).
     allreduce_ops: tuple[str, ...] = ()
@@ -41,6 +46,8 @@ class PassConfig:
             raise ValueError(f"PassConfig.max_experts must be >= 1, got {self.max_experts}")
         if self.router_gemm_max_tokens is not None and self.router_gemm_max_tokens < 0:
             raise ValueError(f"PassConfig.router_gemm_max_tokens must be >= 0, got {self.router_gemm_max_tokens}")
+        if self.allreduce_max_tokens is not None and self.allreduce_max_tokens < 1:
+            raise ValueError(f"PassConfig.allreduce_max_tokens must be >= 1, got {self.allreduce_max_tokens}")
         for name in self.allreduce_ops:
             if name.count("::") != 1:
                 raise ValueError(f"PassConfig.allreduce_ops entries look like 'namespace::op', got {name!r}")

@@ -83,6 +83,9 @@ def load(verbose: bool = False) -> bool:
                 is_python_module=False,
                 verbose=verbose,
             )
+            from . import fused_allreduce
+
+            fused_allreduce.register()  # the all-reduce op's CUDA path is Python around the kernels
             _loaded = True
         except Exception as exc:  # a failed build must not break the reference path
             _error = f"{type(exc).__name__}: {exc}"

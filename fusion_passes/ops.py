@@ -207,6 +207,12 @@ def fused_allreduce_rmsnorm_reference(x, residual, weight, eps, group_name):
     check_fused_allreduce_rmsnorm_args(x, residual, weight)
     if _cuda_kernel_loaded("fused_allreduce_rmsnorm", x):
         return torch.ops.fusion_passes.fused_allreduce_rmsnorm(x, residual, weight, eps, group_name)
+    return fused_allreduce_rmsnorm_composite(x, residual, weight, eps, group_name)
+
+
+def fused_allreduce_rmsnorm_composite(x, residual, weight, eps, group_name):
+    """The reference's arithmetic in ATen ops (the CUDA path runs it for what its kernels do
+    not cover, e.g. float64)."""
     reduced = torch.ops._c10d_functional.wait_tensor(
         torch.ops._c10d_functional.all_reduce(x.contiguous(), "sum", group_name)
     )

@@ -1,10 +1,8 @@
 """Tensor parallelism on real GPUs over NCCL (2+ GPUs, launched with torchrun):
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
-        torchrun --nproc-per-node 2 -m pytest tests/test_multigpu.py -q
+        torchrun --nproc-per-node 2 -m pytest tests/test_multigpu*.py -q
 """
-
-import os
 
 import pytest
 import torch
@@ -19,15 +17,8 @@ pytestmark = [pytest.mark.cuda, pytest.mark.multigpu]
 LAYERS, TOKENS = 4, 16
 
 
-@pytest.fixture(scope="module")
-def group():
-    if not dist.is_initialized():
-        dist.init_process_group("nccl")
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
-    yield dist.group.WORLD
-
-
-def test_tp_gpt_oss_bf16_compiled_with_all_passes(group):
+def test_tp_gpt_oss_bf16_compiled_with_all_passes(nccl_group):
+    group = nccl_group
     world_size = dist.get_world_size()
     model = build_model("gpt-oss", LAYERS, dtype=torch.bfloat16, device="cuda", tp_group=group)
     (ids,) = example_inputs(model, TOKENS)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import fusion_passes
+from fusion_passes.bench._timing import graph_time_per_call_us
 from fusion_passes.models import MODELS, ModelConfig, MoEConfig, build_model
 
 
@@ -95,7 +96,7 @@ SMOKE_MODELS = {  # the same structure at sizes a CPU compiles in seconds
 }
 
 
-def _register(cfg: ModelConfig) -> str:
+def register(cfg: ModelConfig) -> str:
     """build_model takes registered names; bench shapes register under their own."""
     MODELS.setdefault(cfg.name, cfg)
     return cfg.name
@@ -110,24 +111,7 @@ def _timed(fn, device: str, replays: int) -> float:
             fn()
             samples.append(time.perf_counter() - start)
         return statistics.median(samples)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    samples = []
-    for _ in range(replays):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(begin.elapsed_time(end) / 1e3)
-    return statistics.median(samples)
+    return graph_time_per_call_us(fn, calls_per_graph=1, replays_per_sample=1, samples=replays) / 1e6
 
 
 class RouterAndRouting(torch.nn.Module):
@@ -148,7 +132,7 @@ def _compile(module, backend_name: str):
 
 
 def measure(cfg: ModelConfig, layers: int, tokens: list[int], device: str, replays: int) -> list[dict]:
-    name = _register(cfg)
+    name = register(cfg)
     dtype = torch.bfloat16
     model = build_model(name, layers, dtype=dtype, device=device)
     router = RouterAndRouting(model.layers[0].mlp)

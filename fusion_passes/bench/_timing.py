@@ -1,0 +1,44 @@
+"""CUDA-graph timing shared by the benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+
+
+def graph_time_per_call_us(
+    fn: Callable[[], object],
+    calls_per_graph: int = 1,
+    replays_per_sample: int = 5,
+    samples: int = 15,
+    before_sample: Callable[[], None] | None = None,
+) -> float:
+    """Median µs per call of ``fn``: captured ``calls_per_graph`` times into one CUDA graph, a
+    sample times ``replays_per_sample`` back-to-back replays with CUDA events. ``before_sample``
+    runs ahead of each sample (a cross-rank barrier, in multi-GPU runs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            fn()
+    graph.replay()
+    per_call = []
+    for _ in range(samples):
+        if before_sample is not None:
+            before_sample()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays_per_sample):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) * 1e3 / (replays_per_sample * calls_per_graph))
+    return statistics.median(per_call)
