@@ -38,19 +38,28 @@
 //   calls or CUDA-graph replays. A split cluster barrier (arrive at the start, wait before
 //   the first remote store) makes sure every CTA of the cluster runs before anything lands
 //   in its shared memory; no CTA reads remote shared memory, so none has to outlive another.
+//   (An mbarrier per finalizing CTA instead of the second cluster barrier was tried and
+//   was no faster; see docs/notes/router_gemm.md.)
 //
 // Programmatic dependent launch (PDL)
 //   The kernel is launched with programmatic stream serialization. Before
-//   griddepcontrol.wait it only prefetches its weight slice and bias into L2 (a prefetch
-//   cannot return stale data: L2 is the point of coherence); every thread waits before its
-//   first load of x, weight or bias. A CTA releases its dependents
+//   griddepcontrol.wait each warp loads the first chunk of its weight slice into registers
+//   and prefetches the rest into L2, so the weight read overlaps the launch and the
+//   previous kernel's tail. That relies on a precondition of the kernel path: no kernel
+//   that may still run when this one starts (the one before it on the stream, or under a
+//   chain of PDL launches the ones before that) writes the weight. A router weight is a
+//   parameter, which nothing writes during inference; a caller whose weight comes out of
+//   the previous kernel (a cast just before the op, say) turns the early loads off with
+//   fusion_passes::_router_gemm_set_weight_loads_before_wait(False). x and the bias are
+//   read only after griddepcontrol.wait. A CTA releases its dependents
 //   (griddepcontrol.launch_dependents) after its last output store.
 //
 // Dispatch (router_gemm_cuda)
 //   The kernel runs for bf16/fp16 inputs, any of bf16/fp16/fp32 output, E <= 512, H a
-//   multiple of 8, 16-byte aligned rows with unit inner stride, and T <= max_tokens (set
-//   from measurements, see docs/bench_router_gemm.md; overridable at run time through
-//   fusion_passes::_router_gemm_set_max_tokens). Every other valid input goes to cuBLAS
+//   multiple of 8, 16-byte aligned rows with unit inner stride, and T up to a shape-aware
+//   bound (T <= 512 and T * H * E <= 6e7, from measurements, see docs/benchmarks.md;
+//   fusion_passes::_router_gemm_set_max_tokens replaces it with a plain bound on T, and
+//   _router_gemm_kernel_max_tokens(H, E) reads it). Every other valid input goes to cuBLAS
 //   (at::addmm / at::mm), which accumulates in fp32 and rounds once as far as cuBLAS does.
 
 #include <ATen/ATen.h>
@@ -80,11 +89,15 @@ constexpr int kMaxExperts = 512;
 constexpr int kSmemPad = 4;          // floats of padding per shared-memory tile row
 constexpr int kMaxTileRows = 65535;  // gridDim.z limit on T tiles
 
-// Largest T served by the kernel by default; above it cuBLAS is as fast or faster on
-// H100 for the model shapes (see docs/bench_router_gemm.md).
-constexpr int64_t kDefaultMaxTokens = 32;
+// The automatic choice of kernel vs cuBLAS: the kernel while T <= kAutoMaxTokens and
+// T * H * E <= kAutoMaxWork. The kernel's time grows with the work of a CTA while cuBLAS's
+// stays nearly flat at small T, so on H100 the crossover follows T * H * E across the model
+// shapes (see docs/benchmarks.md, "Threshold").
+constexpr int64_t kAutoMaxTokens = 512;
+constexpr int64_t kAutoMaxWork = 60'000'000;
 
-std::atomic<int64_t> g_max_tokens{kDefaultMaxTokens};
+std::atomic<int64_t> g_max_tokens{-1};  // -1: the automatic choice; else the largest T served
+std::atomic<bool> g_weight_loads_before_wait{true};
 std::atomic<int> g_forced_m_tiles{0};  // 0: choose the tile shape from T
 std::atomic<int> g_forced_n_tiles{0};
 
@@ -107,6 +120,7 @@ struct RouterGemmParams {
   int long_parts;
   int cluster_shift;  // cluster_k = 1 << cluster_shift
   OutKind out_kind;
+  bool weight_loads_before_wait;  // the weight is not written by a kernel that may still run
 };
 
 // ------------------------------------------------------------------ device helpers
@@ -242,6 +256,7 @@ struct Tile {
   // CTAs deposit their CTA partials of the groups this CTA finalizes ([rank][group]).
   static constexpr size_t kSlotsBytes = sizeof(float) * kWarps * kSlot;
   static constexpr size_t kSmemBytes = kSlotsBytes + sizeof(float4) * kGroups;
+  static constexpr int kFinalPerThread = (kGroups + kThreads - 1) / kThreads;  // groups finalized by one thread
   static_assert((1 << kGroupsShift) == kGroups && kGroups >= 4 * kMaxClusterK, "groups split evenly over ranks");
 };
 
@@ -291,39 +306,9 @@ __global__ void __launch_bounds__(kThreads, 2) router_gemm_kernel(const RouterGe
     x_rows[nt] = t < p.tokens ? static_cast<const Elem*>(p.x) + t * p.x_row_stride : nullptr;
   }
 
-  // Before the previous grid is done: only warm L2 with this warp's weight slice and the
-  // CTA's bias.
-  for (int s = step_begin; s < step_end; ++s) {
-    const int k = s * kStepK + quad * 8;
-    if (k < p.hidden) {
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          if (weight_rows[mt][half] != nullptr) prefetch_l2(weight_rows[mt][half] + k);
-        }
-      }
-    }
-  }
-  if (p.bias != nullptr && threadIdx.x < Shape::kExperts && expert_base + threadIdx.x < p.experts) {
-    prefetch_l2(static_cast<const Elem*>(p.bias) + (expert_base + threadIdx.x) * p.bias_stride);
-  }
-  wait_for_prior_grids();
-
-  float acc[kMTiles][kNTiles][4];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
-    }
-  }
-
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int chunk_begin = step_begin; chunk_begin < step_end; chunk_begin += Shape::kChunk) {
-    uint4 w_frag[Shape::kChunk][kMTiles][2];
-    uint4 x_frag[Shape::kChunk][kNTiles];
+  uint4 w_frag[Shape::kChunk][kMTiles][2];
+  auto load_weight_chunk = [&](int chunk_begin) {
 #pragma unroll
     for (int c = 0; c < Shape::kChunk; ++c) {
       if (chunk_begin + c < step_end) {  // warp-uniform
@@ -337,6 +322,50 @@ __global__ void __launch_bounds__(kThreads, 2) router_gemm_kernel(const RouterGe
                 (k_valid && weight_rows[mt][half] != nullptr) ? load_16B(weight_rows[mt][half] + k) : zero;
           }
         }
+      }
+    }
+  };
+
+  // Before the previous grid is done: no running kernel writes the weight (the
+  // precondition of weight_loads_before_wait, see the header), so the warp's first chunk of
+  // it is loaded into registers now, overlapping the previous kernel's tail and this one's
+  // launch; the rest of the warp's slice is only prefetched into L2 (a prefetch cannot
+  // return stale data: L2 is the point of coherence). x and the bias are read after
+  // griddepcontrol.wait.
+  if (!p.weight_loads_before_wait) wait_for_prior_grids();
+  load_weight_chunk(step_begin);
+  for (int s = step_begin + Shape::kChunk; s < step_end; ++s) {
+    const int k = s * kStepK + quad * 8;
+    if (k < p.hidden) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          if (weight_rows[mt][half] != nullptr) prefetch_l2(weight_rows[mt][half] + k);
+        }
+      }
+    }
+  }
+  wait_for_prior_grids();
+
+  float acc[kMTiles][kNTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
+    }
+  }
+
+  for (int chunk_begin = step_begin; chunk_begin < step_end; chunk_begin += Shape::kChunk) {
+    if (chunk_begin != step_begin) load_weight_chunk(chunk_begin);
+    uint4 x_frag[Shape::kChunk][kNTiles];
+#pragma unroll
+    for (int c = 0; c < Shape::kChunk; ++c) {
+      if (chunk_begin + c < step_end) {  // warp-uniform
+        const int k = (chunk_begin + c) * kStepK + quad * 8;
+        const bool k_valid = k < p.hidden;
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
           x_frag[c][nt] = (k_valid && x_rows[nt] != nullptr) ? load_16B(x_rows[nt] + k) : zero;
@@ -357,6 +386,24 @@ __global__ void __launch_bounds__(kThreads, 2) router_gemm_kernel(const RouterGe
             Mma<Elem>::run(acc[mt][nt], w_lo.x, w_hi.x, w_lo.y, w_hi.y, xv.x, xv.y);
             Mma<Elem>::run(acc[mt][nt], w_lo.z, w_hi.z, w_lo.w, w_hi.w, xv.z, xv.w);
           }
+        }
+      }
+    }
+  }
+
+  // The bias of the output groups this thread finalizes, read now so that the load
+  // overlaps the exchange (not earlier: registers are short in the main loop).
+  float final_bias[Shape::kFinalPerThread][4] = {};
+  if (p.bias != nullptr) {
+    const Elem* bias = static_cast<const Elem*>(p.bias);
+#pragma unroll
+    for (int f = 0; f < Shape::kFinalPerThread; ++f) {
+      const int i = threadIdx.x + f * kThreads;
+      const int expert = expert_base + ((rank * groups_per_rank + i) % (Shape::kExperts / 4)) * 4;
+      if (i < groups_per_rank) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (expert + j < p.experts) final_bias[f][j] = Mma<Elem>::to_float(bias[(expert + j) * p.bias_stride]);
         }
       }
     }
@@ -397,30 +444,34 @@ __global__ void __launch_bounds__(kThreads, 2) router_gemm_kernel(const RouterGe
   cluster_wait();  // every CTA partial of this CTA's groups has arrived
 
   // Finalize this CTA's groups: sum of the CTA partials in rank order, + bias, one rounding.
-  for (int i = threadIdx.x; i < groups_per_rank; i += kThreads) {
-    float4 cta_partial[kMaxClusterK];
 #pragma unroll
-    for (int r = 0; r < kMaxClusterK; ++r) {
-      if (r < cluster_k) cta_partial[r] = received[r * groups_per_rank + i];
-    }
-    float4 sum = cta_partial[0];
+  for (int f = 0; f < Shape::kFinalPerThread; ++f) {
+    const int i = threadIdx.x + f * kThreads;
+    if (i < groups_per_rank) {
+      float4 cta_partial[kMaxClusterK];
 #pragma unroll
-    for (int r = 1; r < kMaxClusterK; ++r) {
-      if (r < cluster_k) add_to(sum, cta_partial[r]);
-    }
-    float v[4] = {sum.x, sum.y, sum.z, sum.w};
-    const int q = rank * groups_per_rank + i;
-    const int token = token_base + q / (Shape::kExperts / 4);
-    const int expert = expert_base + (q % (Shape::kExperts / 4)) * 4;
-    if (token < p.tokens && expert < p.experts) {
-      const int count = min(4, p.experts - expert);
-      if (p.bias != nullptr) {
-        const Elem* bias = static_cast<const Elem*>(p.bias);
-        for (int j = 0; j < count; ++j) v[j] += Mma<Elem>::to_float(bias[(expert + j) * p.bias_stride]);
+      for (int r = 0; r < kMaxClusterK; ++r) {
+        if (r < cluster_k) cta_partial[r] = received[r * groups_per_rank + i];
       }
-      store_outputs(p, static_cast<int64_t>(token) * p.experts + expert, v, count);
+      float4 sum = cta_partial[0];
+#pragma unroll
+      for (int r = 1; r < kMaxClusterK; ++r) {
+        if (r < cluster_k) add_to(sum, cta_partial[r]);
+      }
+      float v[4] = {sum.x, sum.y, sum.z, sum.w};
+      if (p.bias != nullptr) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] += final_bias[f][j];
+      }
+      const int q = rank * groups_per_rank + i;
+      const int token = token_base + q / (Shape::kExperts / 4);
+      const int expert = expert_base + (q % (Shape::kExperts / 4)) * 4;
+      if (token < p.tokens && expert < p.experts) {
+        store_outputs(p, static_cast<int64_t>(token) * p.experts + expert, v, min(4, p.experts - expert));
+      }
     }
   }
+  __syncthreads();  // the CTA's last output store precedes its release of the dependents
   release_dependent_grids();
 }
 
@@ -510,14 +561,17 @@ int multiprocessor_count(int device) {
   return count;
 }
 
-// Tile shape (forced shapes aside): the smallest tile whose grid still fits in one CTA an
-// SM. Small tiles spread the weight read over more CTAs; once there are more CTAs than
-// SMs, larger tiles win because x and the weight are re-read from L2 fewer times.
+// Tile shape (forced shapes aside): the smallest tile that holds up to 16 tokens and
+// whose grid still fits in one CTA an SM. Small tiles spread the weight read over more
+// CTAs; but two T tiles read the same weight concurrently (1x2 beat 1x1 by 7-12% at T = 16,
+// E = 128), and once there are more CTAs than SMs, larger tiles win because x and the
+// weight are re-read from L2 fewer times.
 TileShape choose_tiles(int64_t tokens, int64_t experts, int cluster_k, int sms) {
   const int forced_m = g_forced_m_tiles.load(std::memory_order_relaxed);
   const int forced_n = g_forced_n_tiles.load(std::memory_order_relaxed);
   if (forced_m > 0) return {forced_m, forced_n};
   for (const TileShape& s : kTileShapes) {
+    if (8 * s.n_tiles < std::min<int64_t>(tokens, 16)) continue;
     const int64_t ctas = cluster_k * ((experts + 16 * s.m_tiles - 1) / (16 * s.m_tiles)) *
                          ((tokens + 8 * s.n_tiles - 1) / (8 * s.n_tiles));
     if (ctas <= sms) return s;
@@ -560,6 +614,15 @@ void launch(const RouterGemmParams& p, TileShape tiles, cudaStream_t stream) {
   if (tiles.m_tiles == 2 && tiles.n_tiles == 8) return launch_tile<Elem, 2, 8>(p, stream);
   TORCH_CHECK(false, "router_gemm: no kernel for tile shape ", std::to_string(tiles.m_tiles), "x",
               std::to_string(tiles.n_tiles));
+}
+
+// Largest T that the kernel serves for an H x E weight under the current max_tokens
+// setting (for 16-bit, aligned inputs with H % 8 == 0 and E <= 512; others go to cuBLAS).
+int64_t kernel_max_tokens(int64_t hidden, int64_t experts) {
+  const int64_t max_tokens = g_max_tokens.load(std::memory_order_relaxed);
+  if (max_tokens >= 0) return max_tokens;
+  const int64_t per_token = std::max<int64_t>(1, hidden * experts);
+  return std::min(kAutoMaxTokens, kAutoMaxWork / per_token);
 }
 
 OutKind out_kind(at::ScalarType t) {
@@ -606,7 +669,7 @@ at::Tensor router_gemm_cuda(const at::Tensor& x, const at::Tensor& weight, const
 
   const bool kernel_dtype = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   const bool kernel_shape = hidden % 8 == 0 && experts <= kMaxExperts;
-  const bool kernel_tokens = tokens <= g_max_tokens.load(std::memory_order_relaxed);
+  const bool kernel_tokens = tokens <= kernel_max_tokens(hidden, experts);
   if (!(kernel_dtype && kernel_shape && kernel_tokens && aligned_rows(x) && aligned_rows(weight))) {
     return cublas_router_gemm(x, weight, bias, dtype);
   }
@@ -636,6 +699,7 @@ at::Tensor router_gemm_cuda(const at::Tensor& x, const at::Tensor& weight, const
   p.steps_per_part = k_steps / parts;
   p.long_parts = k_steps % parts;
   p.out_kind = out_kind(dtype);
+  p.weight_loads_before_wait = g_weight_loads_before_wait.load(std::memory_order_relaxed);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (x.scalar_type() == at::kBFloat16) {
@@ -649,12 +713,16 @@ at::Tensor router_gemm_cuda(const at::Tensor& x, const at::Tensor& weight, const
 // ------------------------------------------------------------- run-time settings
 
 void set_max_tokens(int64_t max_tokens) {
-  TORCH_CHECK_VALUE(max_tokens >= -1, "router_gemm: max_tokens must be >= 0, or -1 for the default; got ",
+  TORCH_CHECK_VALUE(max_tokens >= -1, "router_gemm: max_tokens must be >= 0, or -1 for the automatic choice; got ",
                     std::to_string(max_tokens));
-  g_max_tokens.store(max_tokens == -1 ? kDefaultMaxTokens : max_tokens, std::memory_order_relaxed);
+  g_max_tokens.store(max_tokens, std::memory_order_relaxed);
 }
 
 int64_t get_max_tokens() { return g_max_tokens.load(std::memory_order_relaxed); }
+
+// Whether the kernel may load the weight before griddepcontrol.wait (default true); false
+// for callers whose weight is written by the kernel just before the op.
+void set_weight_loads_before_wait(bool enabled) { g_weight_loads_before_wait.store(enabled); }
 
 // Forces one kernel tile shape (16*m_tiles experts x 8*n_tiles tokens a CTA) for every
 // T, for benchmarks and tests; (-1, -1) restores the choice by T. The result is bitwise
@@ -793,7 +861,9 @@ void test_pdl_consumer(const at::Tensor& logits, const at::Tensor& expected, con
 TORCH_LIBRARY_FRAGMENT(fusion_passes, m) {
   m.def("_router_gemm_set_max_tokens(int max_tokens) -> ()", &set_max_tokens);
   m.def("_router_gemm_max_tokens() -> int", &get_max_tokens);
+  m.def("_router_gemm_kernel_max_tokens(int hidden, int experts) -> int", &kernel_max_tokens);
   m.def("_router_gemm_set_tiles(int m_tiles, int n_tiles) -> ()", &set_tiles);
+  m.def("_router_gemm_set_weight_loads_before_wait(bool enabled) -> ()", &set_weight_loads_before_wait);
 }
 
 // Test-only ops (tests/test_router_gemm_cuda.py): PDL neighbours for the router GEMM.

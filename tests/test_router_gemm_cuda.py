@@ -195,11 +195,17 @@ def test_batch_invariance(shape, dtype, with_bias, out_dtype):
         _assert_bitwise(_call(x[lo:hi], w, b, out_dtype), full[lo:hi], f"rows {lo}:{hi}, {ctx}")
 
 
-def test_kernel_serves_up_to_max_tokens_then_cublas():
+@pytest.mark.parametrize("max_tokens", [-1, 40])
+@pytest.mark.parametrize("shape", [(2880, 128), (7168, 256)], ids=lambda s: f"H{s[0]}xE{s[1]}")
+def test_kernel_serves_up_to_its_bound_then_cublas(shape, max_tokens):
+    """The automatic shape-aware bound (-1) and a plain bound on T."""
     from torch.profiler import ProfilerActivity, profile
 
-    max_tokens = OPS._router_gemm_max_tokens()
-    x, w, b = _inputs(max_tokens + 1, 2880, 128, torch.bfloat16, True, _seed())
+    OPS._router_gemm_set_max_tokens(max_tokens)
+    hidden, experts = shape
+    bound = OPS._router_gemm_kernel_max_tokens(hidden, experts)
+    assert bound == (40 if max_tokens == 40 else min(512, 60_000_000 // (hidden * experts)))
+    x, w, b = _inputs(bound + 1, hidden, experts, torch.bfloat16, True, _seed())
 
     def kernel_names(t):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -207,7 +213,7 @@ def test_kernel_serves_up_to_max_tokens_then_cublas():
             torch.cuda.synchronize()
         return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
-    assert any("router_gemm_kernel" in n for n in kernel_names(x[:max_tokens]))
+    assert any("router_gemm_kernel" in n for n in kernel_names(x[:bound]))
     assert not any("router_gemm_kernel" in n for n in kernel_names(x))
 
 
@@ -222,7 +228,7 @@ def test_cuda_graph_with_garbage_rows(shape, max_tokens):
     hidden, experts = shape
     if max_tokens is not None:
         OPS._router_gemm_set_max_tokens(max_tokens)
-    t_max = OPS._router_gemm_max_tokens()
+    t_max = OPS._router_gemm_kernel_max_tokens(hidden, experts)
     seed = _seed()
     x, w, b = _inputs(t_max, hidden, experts, torch.bfloat16, True, seed)
     stream = torch.cuda.Stream()
@@ -273,7 +279,7 @@ def test_chain_in_graph_under_memory_pressure(neighbours):
     griddepcontrol.wait, or released its dependents before its stores, gets caught.
     "torch": plain torch kernels as neighbours."""
     hidden, experts, variants_n, replays = 2880, 128, 3, 10_000
-    tokens = min(64, OPS._router_gemm_max_tokens())
+    tokens = min(64, OPS._router_gemm_kernel_max_tokens(hidden, experts))
     seed = _seed()
     gen = torch.Generator(device="cuda").manual_seed(seed)
     variants = torch.randn(variants_n, tokens, hidden, generator=gen, device="cuda").to(torch.bfloat16)
@@ -404,20 +410,42 @@ def test_strided_rows_are_batch_invariant():
 
 
 def test_max_tokens_setting():
-    default = OPS._router_gemm_max_tokens()
-    assert default >= 1
+    assert OPS._router_gemm_max_tokens() == -1  # the automatic, shape-aware choice
+    assert OPS._router_gemm_kernel_max_tokens(2880, 32) >= 128
+    assert OPS._router_gemm_kernel_max_tokens(7168, 256) >= 16
     OPS._router_gemm_set_max_tokens(7)
     assert OPS._router_gemm_max_tokens() == 7
+    assert OPS._router_gemm_kernel_max_tokens(7168, 256) == 7
     OPS._router_gemm_set_max_tokens(0)
     assert OPS._router_gemm_max_tokens() == 0
     x, w, b = _inputs(3, 2048, 128, torch.bfloat16, True, seed := _seed())
     _assert_one_rounding(_call(x, w, b), x, w, b, torch.bfloat16, f"max_tokens=0 seed={seed}")
     OPS._router_gemm_set_max_tokens(-1)
-    assert OPS._router_gemm_max_tokens() == default
+    assert OPS._router_gemm_max_tokens() == -1
     with pytest.raises(ValueError, match="max_tokens"):
         OPS._router_gemm_set_max_tokens(-2)
     with pytest.raises(ValueError, match="tile shape"):
         OPS._router_gemm_set_tiles(3, 3)
+
+
+def test_weight_loads_after_wait_give_the_same_bits():
+    """With the early weight loads off (for a weight written by the previous kernel), the
+    kernel waits first; the result is bitwise the same, including in the PDL chain."""
+    seed = _seed()
+    x, w, b = _inputs(9, 2880, 128, torch.bfloat16, True, seed)
+    early = _call(x, w, b)
+    try:
+        OPS._router_gemm_set_weight_loads_before_wait(False)
+        _assert_bitwise(_call(x, w, b), early, f"seed={seed}")
+        step = torch.zeros(1, dtype=torch.int32, device="cuda")
+        counters = torch.zeros(2, dtype=torch.int64, device="cuda")
+        variants = x.unsqueeze(0).contiguous()
+        x_pdl = torch.empty_like(x)
+        OPS._test_pdl_producer(variants, step, x_pdl, 2000)
+        OPS._test_pdl_consumer(OPS.router_gemm(x_pdl, w, b, None), early.unsqueeze(0), step, counters)
+        assert counters.tolist() == [0, 0], f"PDL chain: mismatches, NaNs = {counters.tolist()} (seed={seed})"
+    finally:
+        OPS._router_gemm_set_weight_loads_before_wait(True)
 
 
 # ------------------------------------------------------- compute-sanitizer workload

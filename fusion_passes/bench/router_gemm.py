@@ -2,10 +2,13 @@
 
 Per (H x E shape, T) it times, in CUDA-graph replay:
 
-* ``ours``: ``fusion_passes::router_gemm`` as shipped (kernel up to its max_tokens, cuBLAS above);
+* ``ours``: ``fusion_passes::router_gemm`` as shipped (the kernel up to its shape-aware bound
+  on T, cuBLAS above);
 * ``kernel``: the op with the kernel forced at every T (max_tokens raised), to show the crossover;
 * ``cublas``: ``torch.nn.functional.linear`` on the same inputs;
-* with ``--sweep-tiles``, the kernel with each tile shape forced.
+* with ``--sweep-tiles``, the kernel with each tile shape forced;
+* with ``--l2-warm``, ``ours`` and ``cublas`` again with one weight and x for every call
+  (no rotation, so they stay in L2: a separate, clearly labelled column).
 
 Each graph holds many back-to-back calls; the calls rotate over enough copies of the
 weight and x that the whole rotation is at least twice the L2 cache, so each call reads
@@ -93,7 +96,7 @@ def _copy_bandwidth(reps: int) -> float:
     return 2 * src.numel() / (us * 1e-6)
 
 
-def _bench_point(hidden, experts, tokens, dtype, out_dtype, with_bias, rotate_bytes, min_calls, reps, sweep):
+def _bench_point(hidden, experts, tokens, dtype, out_dtype, with_bias, rotate_bytes, min_calls, reps, sweep, l2_warm):
     import torch
     import torch.nn.functional as F
 
@@ -110,10 +113,17 @@ def _bench_point(hidden, experts, tokens, dtype, out_dtype, with_bias, rotate_by
     ws = [(torch.randn(experts, hidden, generator=gen, device="cuda") * 0.05).to(dtype) for _ in range(copies)]
     bs = [torch.randn(experts, generator=gen, device="cuda").to(dtype) if with_bias else None for _ in range(copies)]
 
-    def op_calls():
+    def op_calls(copies=copies):
         return [
             (lambda i=i: ops.router_gemm(xs[i % copies], ws[i % copies], bs[i % copies], out_dtype))
             for i in range(calls_n)
+        ]
+
+    def cublas_calls(copies=copies):
+        if out_dtype is None or out_dtype == dtype:
+            return [(lambda i=i: F.linear(xs[i % copies], ws[i % copies], bs[i % copies])) for i in range(calls_n)]
+        return [
+            (lambda i=i: F.linear(xs[i % copies], ws[i % copies], bs[i % copies]).to(out_dtype)) for i in range(calls_n)
         ]
 
     result = {
@@ -124,16 +134,12 @@ def _bench_point(hidden, experts, tokens, dtype, out_dtype, with_bias, rotate_by
         "calls_per_graph": calls_n,
         "copies": copies,
     }
-    default_max = ops._router_gemm_max_tokens()
-    result["path"] = "kernel" if tokens <= default_max else "cublas"
+    result["path"] = "kernel" if tokens <= ops._router_gemm_kernel_max_tokens(hidden, experts) else "cublas"
     result["ours_us"] = _time_graph_per_call(op_calls(), reps)
-    if out_dtype is None or out_dtype == dtype:
-        cublas_calls = [(lambda i=i: F.linear(xs[i % copies], ws[i % copies], bs[i % copies])) for i in range(calls_n)]
-    else:
-        cublas_calls = [
-            (lambda i=i: F.linear(xs[i % copies], ws[i % copies], bs[i % copies]).to(out_dtype)) for i in range(calls_n)
-        ]
-    result["cublas_us"] = _time_graph_per_call(cublas_calls, reps)
+    result["cublas_us"] = _time_graph_per_call(cublas_calls(), reps)
+    if l2_warm:
+        result["ours_l2warm_us"] = _time_graph_per_call(op_calls(copies=1), reps)
+        result["cublas_l2warm_us"] = _time_graph_per_call(cublas_calls(copies=1), reps)
     ops._router_gemm_set_max_tokens(ALL_TOKENS_TO_KERNEL)
     try:
         result["kernel_us"] = _time_graph_per_call(op_calls(), reps)
@@ -198,6 +204,7 @@ def main(argv: list[str]) -> int:
         help="MB the rotated weight+x copies must span (default: twice the L2 cache)",
     )
     parser.add_argument("--sweep-tiles", action="store_true", help="also time every kernel tile shape")
+    parser.add_argument("--l2-warm", action="store_true", help="also time ours and cuBLAS with L2-resident operands")
     parser.add_argument("--out", default="router_gemm_bench", help="directory for CSV, JSON and PNG")
     args = parser.parse_args(argv)
 
@@ -243,7 +250,7 @@ def main(argv: list[str]) -> int:
     print(f"# {meta['gpu']}, torch {meta['torch']} (CUDA {meta['cuda']}), {meta['date']}")
     print(
         f"# launch floor {launch_us:.2f} us/call (graph of tiny kernels); copy {copy_bw / 1e12:.2f} TB/s; "
-        f"kernel max_tokens {meta['max_tokens']}; rotation {rotate_bytes / 1e6:.0f} MB"
+        f"kernel max_tokens {meta['max_tokens']} (-1: shape-aware); rotation {rotate_bytes / 1e6:.0f} MB"
     )
 
     rows = []
@@ -265,6 +272,7 @@ def main(argv: list[str]) -> int:
                 args.min_calls,
                 args.reps,
                 args.sweep_tiles,
+                args.l2_warm,
             )
             r["mem_floor_us"] = r["bytes"] / HBM_BYTES_PER_S * 1e6
             r["floor_us"] = max(launch_us, r["mem_floor_us"])
@@ -277,6 +285,8 @@ def main(argv: list[str]) -> int:
                 f"{r['cublas_us']:>9.2f} {r['speedup']:>6.2f}x {r['kernel_us']:>9.2f} {r['floor_us']:>8.2f} "
                 f"{r['ours_us'] / r['floor_us']:>6.2f}x {r['ours_tflops']:>7.2f}"
             )
+            if args.l2_warm:
+                line += f"  L2-warm: ours {r['ours_l2warm_us']:.2f} cuBLAS {r['cublas_l2warm_us']:.2f}"
             if args.sweep_tiles:
                 best = min(TILE_SHAPES, key=lambda s: r[f"tiles_{s[0]}x{s[1]}_us"])
                 line += "  tiles " + " ".join(f"{m}x{n}:{r[f'tiles_{m}x{n}_us']:.2f}" for m, n in TILE_SHAPES)
