@@ -14,12 +14,14 @@
 //    score, above the bits of 511 - e. Entries are distinct, a larger one is the better expert,
 //    and equal keys go to the lower index, so the top-k entries of the row are the answer.
 //    Keys: finite scores map to an order-preserving integer (+0 and -0 equal), a NaN logit or
-//    NaN score to kInvalidKey (1), below every finite score; entry 0 means taken (already
-//    selected, or a padding slot past E). Without a correction bias the score is the logit
-//    itself, and for bf16/fp16 logits its 16-bit key is exact: the entry is 32 bits (key << 16)
-//    and one __reduce_max_sync finds the best expert. Otherwise (fp32 logits, or p + bias) the
-//    key takes 32 bits and the entry 64; the round reduces the keys, and among the lanes that
-//    hold the best key the lowest wins (lane order is expert order), as a ballot says.
+//    NaN score to kInvalidKey (1), below every finite score; entry 0 means taken. Slots past E
+//    hold NaN: invalid experts with indices above every real one, so the E >= k real experts
+//    always rank above them, and no slot needs a bounds test. Without a correction bias the
+//    score is the logit itself, and for bf16/fp16 logits its 16-bit key is exact: the entry is
+//    32 bits (key << 16) and one __reduce_max_sync finds the best expert. Otherwise (fp32
+//    logits, or p + bias) the key takes 32 bits and the entry 64; the round reduces the keys,
+//    and among the lanes that hold the best key the lowest wins (lane order is expert order),
+//    as a ballot says.
 //  * Each lane sorts its VPL entries once (Batcher's odd-even merge network, comparators past
 //    VPL dropped), then k rounds: the warp's best head is the next expert, and the lane that
 //    held it shifts its list by one (VPL independent selects, the new head one of them). Lane r
@@ -202,14 +204,14 @@ constexpr LogitStorage<F> kNanBits = F == LogitFormat::kFloat32 ? 0x7fffffffu : 
 // Order-preserving 16-bit key of a bf16 or fp16 logit, the same order as the clamped fp32 value
 // (+-Inf sit just beyond the largest finite 16-bit values, where +-FLT_MAX sits): finite and
 // infinite values map to [0x7f, 0xff80] (bf16) or [0x3ff, 0xfc00] (fp16), all above
-// kInvalidKey; NaN maps to kInvalidKey; -0 and +0 share a key.
+// kInvalidKey; NaN maps to kInvalidKey; -0 and +0 share a key. Branch-free: a negative
+// nonzero value (bits > 0x8000) flips its magnitude bits, anything else gets the sign bit.
 template <LogitFormat F>
 __device__ __forceinline__ uint32_t half_key(uint32_t bits) {
   constexpr uint32_t kInfinityBits = F == LogitFormat::kBFloat16 ? 0x7f80u : 0x7c00u;
   const uint32_t magnitude = bits & 0x7fffu;
-  if (magnitude > kInfinityBits) return kInvalidKey;
-  if (magnitude == 0) bits = 0;
-  return (bits & 0x8000u) ? (~bits & 0xffffu) : (bits | 0x8000u);
+  const uint32_t key = magnitude ^ (bits > 0x8000u ? 0x7fffu : 0x8000u);
+  return magnitude > kInfinityBits ? kInvalidKey : key;
 }
 
 // The clamped fp32 logit of a half_key above kInvalidKey.
@@ -325,7 +327,7 @@ constexpr int kKeyShift = sizeof(Entry) == 4 ? 16 : 32;
 
 template <typename Entry>
 __device__ __forceinline__ Entry make_entry(uint32_t key, int e) {
-  return (static_cast<Entry>(key) << kKeyShift<Entry>) | static_cast<Entry>(kIndexMask - e);
+  return (static_cast<Entry>(key) << kKeyShift<Entry>) + static_cast<Entry>(kIndexMask - e);  // + is |: no overlap
 }
 
 template <typename Entry>
@@ -406,11 +408,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock) topk_routing_kernel(const Ro
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= p.num_rows) return;  // whole warps leave; nothing below synchronizes the block
+  const S* row_logits = static_cast<const S*>(p.logits) + row * p.row_stride;
+  const int first = lane * VPL;
   wait_for_prior_grids();
   release_dependent_grids();
 
-  const S* row_logits = static_cast<const S*>(p.logits) + row * p.row_stride;
-  const int first = lane * VPL;
   S raw[VPL];
   load_logits<F, VPL>(row_logits, first, p.num_experts, p.vector_loads, raw);
   float x[VPL];  // clamped logits, NaN in padding slots (only the paths that need them keep them)
@@ -449,13 +451,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock) topk_routing_kernel(const Ro
         const float bias = clamp_infinity(load_bias(p.bias, p.bias_format, first + j));
         key = score_key(clamp_infinity(prob + bias));
       }
-      list[j] = first + j < p.num_experts ? make_entry<Entry>(key, first + j) : Entry(0);
+      list[j] = make_entry<Entry>(key, first + j);
     }
   } else {
 #pragma unroll
     for (int j = 0; j < VPL; ++j) {
       const uint32_t key = kHalfKeys ? half_key<F>(raw[j]) : score_key(x[j]);
-      list[j] = first + j < p.num_experts ? make_entry<Entry>(key, first + j) : Entry(0);
+      list[j] = make_entry<Entry>(key, first + j);
     }
   }
   sort_descending<VPL>(list);
@@ -494,7 +496,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) topk_routing_kernel(const Ro
   if constexpr (kHasBias) {
     if (lane < p.k) selected_logit = clamp_infinity(logit_to_float<F>(row_logits[selected_id]));
   } else {
-    if (selected_key > kInvalidKey) selected_logit = key_to_logit<F, kHalfKeys>(selected_key);
+    const float decoded = key_to_logit<F, kHalfKeys>(selected_key);  // branch-free, kept if valid
+    if (selected_key > kInvalidKey) selected_logit = decoded;
     if constexpr (!kSigmoid) {
       if (max_key > kInvalidKey) row_max = key_to_logit<F, kHalfKeys>(max_key);
       // Renormalized softmax weights are exp(x - max) / their sum: exp_sum cancels.
