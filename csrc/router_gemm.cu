@@ -14,7 +14,8 @@
 //   cluster_k CTAs of a cluster (1, 2, 4 or 8, by H) and the 8 warps of each CTA split the
 //   k-steps into cluster_k * 8 contiguous "parts", and each warp accumulates its part for
 //   the CTA's whole tile of 16*M_TILES experts x 8*N_TILES tokens in registers. The tile
-//   shape (1x1, 1x2, 2x4, 2x8) is the smallest whose grid fits in one CTA an SM.
+//   shape (1x1, 1x2, 2x4, 2x8) is the smallest that holds up to 16 tokens and whose grid
+//   fits in one CTA an SM.
 //
 // Fragments without shared memory
 //   A dot product may visit k in any order, as long as both operands use the same one.
