@@ -20,12 +20,14 @@
 // Synchronization, without multicast (not available on these machines):
 //  * Rows map to blocks the same way on every rank (same T, same grid), so block b only ever
 //    reads rows that block b of each peer wrote: the barriers are per block. Block b of rank s
-//    signals block b of rank d through d's signal pad, slot [barrier][b][s]: a system-scope CAS
-//    0 -> descriptor with release semantics after __syncthreads (the block's writes happen
-//    before it); the receiver spins with acquire until the slot is non-zero, checks it and
-//    clears it. The descriptor hashes (T, H, dtype, residual, eps, mode): a rank whose call
-//    disagrees is reported by name instead of reading garbage, and every wait has a timeout, so
-//    a peer that never comes is an error, never a hang.
+//    signals block b of rank d with one system-scope release store into d's signal pad, slot
+//    [barrier][b][s]: 64 bits, the call's sequence number (the epoch below, the same on every
+//    rank) and a descriptor hashing (T, H, dtype, residual, eps, mode). The receiver spins with
+//    acquire loads until the slot's sequence number reaches its own. A store never waits for the
+//    slot to be consumed (no remote round trip): a sender is at most one call ahead, and a newer
+//    sequence number also proves arrival. A rank whose call disagrees is reported by name
+//    instead of reading garbage, and every wait has a timeout, so a peer that never comes is an
+//    error, never a hang.
 //  * The buffer has two halves, used alternately by successive calls (an epoch counter in
 //    device memory, advanced by the last block of each call, so CUDA-graph replays alternate
 //    too). Writing half h in call n is safe without a closing barrier: each block of call n-1
@@ -54,11 +56,11 @@
 namespace {
 
 constexpr int kMaxWorld = 8;
-constexpr int kMaxBlocks = 128;
+constexpr int kMaxBlocks = 64;
 constexpr int kBarriers = 2;
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxChunksPerThread = 4;  // 16-byte chunks per thread: rows up to 64 KiB
-constexpr int kSignalPadBytesNeeded = kBarriers * kMaxBlocks * kMaxWorld * 4;
+constexpr int kSignalPadBytesNeeded = kBarriers * kMaxBlocks * kMaxWorld * 8;
 
 enum class Mode { kLocal, kOneShot, kTwoShot };
 
@@ -74,7 +76,7 @@ struct Params {
   int weight_dtype;  // 0 fp32, 1 bf16, 2 fp16
   // Symmetric memory (unused by kLocal): device arrays of the W peers' pointers.
   char* const* buffers;
-  uint32_t* const* signal_pads;
+  uint64_t* const* signal_pads;
   int64_t half_bytes;
   int rank;
   unsigned int* counters;  // [0] epoch (selects the buffer half), [1] blocks finished
@@ -172,35 +174,31 @@ __device__ __noinline__ void fail(const Params& p, int peer, const char* what) {
   __trap();
 }
 
-__device__ __forceinline__ uint32_t* signal_slot(uint32_t* pad, int barrier, int block, int from_rank) {
+__device__ __forceinline__ uint64_t* signal_slot(uint64_t* pad, int barrier, int block, int from_rank) {
   return pad + (barrier * kMaxBlocks + block) * kMaxWorld + from_rank;
 }
 
 // Block b of every rank meets block b of every other rank. On return, every write this block's
 // peers made before arriving is visible to every thread of this block.
 template <int W>
-__device__ void block_barrier(const Params& p, int barrier) {
+__device__ void block_barrier(const Params& p, int barrier, uint32_t sequence) {
   __syncthreads();
   const int peer = threadIdx.x;
   if (peer < W && peer != p.rank) {
-    cuda::atomic_ref<uint32_t, cuda::thread_scope_system> outgoing(
+    const uint64_t signal = (static_cast<uint64_t>(p.descriptor) << 32) | sequence;
+    cuda::atomic_ref<uint64_t, cuda::thread_scope_system> outgoing(
         *signal_slot(p.signal_pads[peer], barrier, blockIdx.x, p.rank));
-    cuda::atomic_ref<uint32_t, cuda::thread_scope_system> incoming(
+    cuda::atomic_ref<uint64_t, cuda::thread_scope_system> incoming(
         *signal_slot(p.signal_pads[p.rank], barrier, blockIdx.x, peer));
+    outgoing.store(signal, cuda::memory_order_release);  // this block's writes happen before it
     const uint64_t start = global_ns();
-    uint32_t expected = 0;
-    // The slot is free once the peer consumed this block's previous signal.
-    while (!outgoing.compare_exchange_strong(expected, p.descriptor, cuda::memory_order_release,
-                                             cuda::memory_order_relaxed)) {
-      expected = 0;
-      if (global_ns() - start > p.timeout_ns) fail(p, peer, "timed out waiting for the peer to take a signal");
-    }
-    uint32_t seen;
-    while ((seen = incoming.load(cuda::memory_order_acquire)) == 0) {
+    uint64_t seen;
+    int32_t ahead;
+    while ((ahead = static_cast<int32_t>(static_cast<uint32_t>(seen = incoming.load(cuda::memory_order_acquire)) -
+                                         sequence)) < 0) {
       if (global_ns() - start > p.timeout_ns) fail(p, peer, "timed out waiting for the peer to arrive");
     }
-    incoming.store(0, cuda::memory_order_relaxed);
-    if (seen != p.descriptor) fail(p, peer, "the peer's call disagrees (shape, dtype, residual, eps or path)");
+    if (ahead == 0 && seen != signal) fail(p, peer, "the peer's call disagrees (shape, dtype, residual, eps or path)");
   }
   __syncthreads();
 }
@@ -229,24 +227,24 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
   const int row_begin = blockIdx.x * rows_per_block;
   const int row_end = min(p.tokens, row_begin + rows_per_block);
   __shared__ float scratch[kMaxThreads / 32];
-  __shared__ unsigned int half;
+  __shared__ unsigned int epoch;
 
   // The input region of rank r's current half, and (two-shot) its reduced region after it.
   auto input_row = [&](int r, int row) -> char* {
-    return p.buffers[r] + half * p.half_bytes + row * row_bytes;
+    return p.buffers[r] + (epoch & 1u) * p.half_bytes + row * row_bytes;
   };
   auto reduced_row = [&](int r, int row) -> char* {
-    return p.buffers[r] + half * p.half_bytes + (static_cast<int64_t>(p.tokens) + row) * row_bytes;
+    return p.buffers[r] + (epoch & 1u) * p.half_bytes + (static_cast<int64_t>(p.tokens) + row) * row_bytes;
   };
   const char* x = static_cast<const char*>(p.x);
 
   if constexpr (M != Mode::kLocal) {
-    if (threadIdx.x == 0) half = *reinterpret_cast<volatile unsigned int*>(&p.counters[0]) & 1u;
+    if (threadIdx.x == 0) epoch = *reinterpret_cast<volatile unsigned int*>(&p.counters[0]);
     __syncthreads();
     for (int row = row_begin; row < row_end; ++row)
       for (int c = threadIdx.x; c < chunks; c += blockDim.x)
         store(input_row(p.rank, row) + c * 16, load_local(x + row * row_bytes + c * 16));
-    block_barrier<W>(p, 0);
+    block_barrier<W>(p, 0, epoch + 1);  // sequence numbers start at 1: pads start zeroed
   }
 
   if constexpr (M == Mode::kTwoShot) {
@@ -268,7 +266,7 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
         store(reduced_row(p.rank, row) + c * 16, chunk_from_float<T>(sum).raw);
       }
     }
-    block_barrier<W>(p, 1);
+    block_barrier<W>(p, 1, epoch + 1);
   }
 
   // r for one chunk of one row, in fp32, already rounded to T.
@@ -473,7 +471,7 @@ uint32_t describe(const at::Tensor& x, bool has_residual, double eps, int64_t al
                      static_cast<uint64_t>(eps_bits), static_cast<uint64_t>(algorithm)}) {
     for (int i = 0; i < 8; ++i) h = (h ^ ((v >> (8 * i)) & 0xffu)) * 16777619u;
   }
-  return h | 1u;  // a signal is never 0, the empty slot
+  return h;
 }
 
 // One-shot (algorithm 1) or two-shot (2) over a symmetric-memory buffer; see the file comment.
@@ -498,7 +496,7 @@ void symm_allreduce_rmsnorm(const at::Tensor& x, const std::optional<at::Tensor>
                         counters.device() == x.device(),
                     op + "counters must be int32 [2] on x's device");
   p.buffers = reinterpret_cast<char* const*>(buffer_ptrs_dev);
-  p.signal_pads = reinterpret_cast<uint32_t* const*>(signal_pad_ptrs_dev);
+  p.signal_pads = reinterpret_cast<uint64_t* const*>(signal_pad_ptrs_dev);
   p.half_bytes = half_bytes;
   p.rank = static_cast<int>(rank);
   p.counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int32_t>());

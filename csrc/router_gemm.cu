@@ -43,16 +43,16 @@
 //   was no faster; see docs/notes/router_gemm.md.)
 //
 // Programmatic dependent launch (PDL)
-//   The kernel is launched with programmatic stream serialization. Before
-//   griddepcontrol.wait each warp loads the first chunk of its weight slice into registers
-//   and prefetches the rest into L2, so the weight read overlaps the launch and the
-//   previous kernel's tail. That relies on a precondition of the kernel path: no kernel
-//   that may still run when this one starts (the one before it on the stream, or under a
-//   chain of PDL launches the ones before that) writes the weight. A router weight is a
-//   parameter, which nothing writes during inference; a caller whose weight comes out of
-//   the previous kernel (a cast just before the op, say) turns the early loads off with
-//   fusion_passes::_router_gemm_set_weight_loads_before_wait(False). x and the bias are
-//   read only after griddepcontrol.wait. A CTA releases its dependents
+//   The kernel is launched with programmatic stream serialization. By default every
+//   operand is read after griddepcontrol.wait. Opt-in
+//   (fusion_passes::_router_gemm_set_weight_loads_before_wait(True)): before the wait each
+//   warp loads the first chunk of its weight slice into registers and prefetches the rest
+//   into L2, so the weight read overlaps the launch and the previous kernel's tail. That is
+//   only correct when no kernel that may still run when this one starts (the one before it
+//   on the stream, or under a chain of PDL launches the ones before that) writes the weight:
+//   true of a parameter, false of a weight cast in the graph just before the router, which
+//   the pass cannot rule out. Hence off by default. x and the bias are always read only
+//   after griddepcontrol.wait. A CTA releases its dependents
 //   (griddepcontrol.launch_dependents) after its last output store.
 //
 // Dispatch (router_gemm_cuda)
@@ -98,7 +98,7 @@ constexpr int64_t kAutoMaxTokens = 512;
 constexpr int64_t kAutoMaxWork = 60'000'000;
 
 std::atomic<int64_t> g_max_tokens{-1};  // -1: the automatic choice; else the largest T served
-std::atomic<bool> g_weight_loads_before_wait{true};
+std::atomic<bool> g_weight_loads_before_wait{false};
 std::atomic<int> g_forced_m_tiles{0};  // 0: choose the tile shape from T
 std::atomic<int> g_forced_n_tiles{0};
 

@@ -38,10 +38,15 @@ _KERNEL_ALGORITHM = {ONE_SHOT: 1, TWO_SHOT: 2}
 DEFAULT_MAX_TOKENS = 512
 WORKSPACE_ROW_BYTES = 16 * 1024
 MAX_BLOCKS = 64
-# Largest x (bytes per rank) for which each path wins, measured on 2 x H200 (docs/benchmarks.md);
-# above TWO_SHOT_MAX_BYTES NCCL + the fused norm is at least as fast.
-ONE_SHOT_MAX_BYTES = 256 * 1024
-TWO_SHOT_MAX_BYTES = 2 * 1024 * 1024
+# Largest x (bytes per rank) each symmetric-memory path takes, by world size. Measured on
+# 2 x H200 (docs/benchmarks.md): one-shot beat two-shot at every size and NCCL + the fused
+# norm up to 5.9 MB (T=1024 at H=2880 bf16), NCCL won from 11.8 MB. Two-shot reads
+# (W-1)/W of one-shot's bytes for the reduction plus a gather, which pays off only for
+# larger W: the entries for W > 2 are estimates, not yet measured (needs 4-8 GPUs).
+ONE_SHOT_MAX_BYTES = {2: 6 * 1024 * 1024}
+TWO_SHOT_MAX_BYTES = {2: 0}
+ONE_SHOT_MAX_BYTES_UNMEASURED = 256 * 1024
+TWO_SHOT_MAX_BYTES_UNMEASURED = 2 * 1024 * 1024
 
 _max_tokens = DEFAULT_MAX_TOKENS
 
@@ -95,7 +100,6 @@ def _create_workspace(group_name: str, device: torch.device) -> Workspace | None
     group = _resolve_process_group(group_name)
     if group.size() > 8 or not _peers_reachable(group, device):
         return None
-    symm_mem.enable_symm_mem_for_group(group_name)
     half_bytes = 2 * _max_tokens * WORKSPACE_ROW_BYTES
     buffer = symm_mem.empty(2 * half_bytes, dtype=torch.uint8, device=device)
     handle = symm_mem.rendezvous(buffer, group_name)
@@ -123,9 +127,11 @@ def choose_algorithm(x: torch.Tensor, world_size: int, ws: Workspace | None) -> 
     row_bytes = x.shape[-1] * x.element_size()
     nbytes = x.numel() * x.element_size()
     symmetric_ok = ws is not None and world_size >= 2 and row_bytes % 16 == 0 and row_bytes <= 64 * 1024
-    if symmetric_ok and nbytes <= ONE_SHOT_MAX_BYTES and ws.fits(x, ONE_SHOT):
+    one_shot_max = ONE_SHOT_MAX_BYTES.get(world_size, ONE_SHOT_MAX_BYTES_UNMEASURED)
+    two_shot_max = TWO_SHOT_MAX_BYTES.get(world_size, TWO_SHOT_MAX_BYTES_UNMEASURED)
+    if symmetric_ok and nbytes <= one_shot_max and ws.fits(x, ONE_SHOT):
         return ONE_SHOT
-    if symmetric_ok and nbytes <= TWO_SHOT_MAX_BYTES and ws.fits(x, TWO_SHOT):
+    if symmetric_ok and nbytes <= two_shot_max and ws.fits(x, TWO_SHOT):
         return TWO_SHOT
     return NCCL
 

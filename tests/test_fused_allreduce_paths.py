@@ -18,13 +18,15 @@ def x(tokens, hidden=2880, dtype=torch.bfloat16):
     return torch.empty(tokens, hidden, dtype=dtype, device="meta")
 
 
-@pytest.mark.parametrize(
-    "tokens, path",
-    [(1, ONE_SHOT), (32, ONE_SHOT), (45, ONE_SHOT), (46, TWO_SHOT), (128, TWO_SHOT), (364, TWO_SHOT), (365, NCCL), (8192, NCCL)],
-)
-def test_size_picks_the_path(tokens, path):
-    # 2880 bf16 = 5760 bytes a row: one-shot up to 256 KiB, two-shot up to 2 MiB.
-    assert choose_algorithm(x(tokens), world_size=2, ws=workspace()) == path
+@pytest.mark.parametrize("tokens, path", [(1, ONE_SHOT), (128, ONE_SHOT), (1092, ONE_SHOT), (1093, NCCL), (8192, NCCL)])
+def test_two_ranks_size_picks_the_path(tokens, path):
+    # 2880 bf16 = 5760 bytes a row; on 2 GPUs one-shot up to 6 MiB, then NCCL (measured).
+    assert choose_algorithm(x(tokens), world_size=2, ws=workspace(max_tokens=1024)) == path
+
+
+@pytest.mark.parametrize("tokens, path", [(1, ONE_SHOT), (45, ONE_SHOT), (46, TWO_SHOT), (364, TWO_SHOT), (365, NCCL)])
+def test_more_ranks_use_two_shot_in_between(tokens, path):
+    assert choose_algorithm(x(tokens), world_size=4, ws=workspace()) == path
 
 
 def test_without_a_workspace_or_with_unaligned_rows_nccl_serves():
@@ -35,8 +37,8 @@ def test_without_a_workspace_or_with_unaligned_rows_nccl_serves():
 
 def test_a_small_workspace_bounds_the_symmetric_paths():
     tiny = workspace(max_tokens=4)  # 4 x 16 KiB x 2 regions a half
-    assert choose_algorithm(x(16), world_size=2, ws=tiny) == ONE_SHOT  # 92 KB fits one region
-    assert choose_algorithm(x(32), world_size=2, ws=tiny) == NCCL  # 184 KB fits neither
+    assert choose_algorithm(x(16), world_size=4, ws=tiny) == ONE_SHOT  # 92 KB fits one region
+    assert choose_algorithm(x(32), world_size=4, ws=tiny) == NCCL  # 184 KB fits neither
 
 
 def test_max_tokens_is_validated_and_keys_the_cache():

@@ -428,24 +428,24 @@ def test_max_tokens_setting():
         OPS._router_gemm_set_tiles(3, 3)
 
 
-def test_weight_loads_after_wait_give_the_same_bits():
-    """With the early weight loads off (for a weight written by the previous kernel), the
-    kernel waits first; the result is bitwise the same, including in the PDL chain."""
+def test_weight_loads_before_wait_give_the_same_bits():
+    """The opt-in early weight loads (for weights no running kernel writes) change nothing
+    but timing: bitwise the same result as the default, including in the PDL chain."""
     seed = _seed()
     x, w, b = _inputs(9, 2880, 128, torch.bfloat16, True, seed)
-    early = _call(x, w, b)
+    after_wait = _call(x, w, b)
     try:
-        OPS._router_gemm_set_weight_loads_before_wait(False)
-        _assert_bitwise(_call(x, w, b), early, f"seed={seed}")
+        OPS._router_gemm_set_weight_loads_before_wait(True)
+        _assert_bitwise(_call(x, w, b), after_wait, f"seed={seed}")
         step = torch.zeros(1, dtype=torch.int32, device="cuda")
         counters = torch.zeros(2, dtype=torch.int64, device="cuda")
         variants = x.unsqueeze(0).contiguous()
         x_pdl = torch.empty_like(x)
         OPS._test_pdl_producer(variants, step, x_pdl, 2000)
-        OPS._test_pdl_consumer(OPS.router_gemm(x_pdl, w, b, None), early.unsqueeze(0), step, counters)
+        OPS._test_pdl_consumer(OPS.router_gemm(x_pdl, w, b, None), after_wait.unsqueeze(0), step, counters)
         assert counters.tolist() == [0, 0], f"PDL chain: mismatches, NaNs = {counters.tolist()} (seed={seed})"
     finally:
-        OPS._router_gemm_set_weight_loads_before_wait(True)
+        OPS._router_gemm_set_weight_loads_before_wait(False)
 
 
 # ------------------------------------------------------- compute-sanitizer workload

@@ -84,13 +84,13 @@ def measure_ops(hidden: int, tokens: list[int], group_name: str) -> list[dict]:
     from fusion_passes.bench._timing import graph_time_per_call_us
 
     rank = dist.get_rank()
-    norm = _compiled_add_rmsnorm()
     weight = torch.randn(hidden, dtype=torch.bfloat16, device="cuda")
-    symm_mem.enable_symm_mem_for_group(group_name)
     symm_buffer = symm_mem.empty(max(tokens) * hidden, dtype=torch.bfloat16, device="cuda")
     symm_mem.rendezvous(symm_buffer, group_name)
     rows = []
     for t in tokens:
+        torch._dynamo.reset()  # a fresh compile per T: never the recompile limit's eager fallback
+        norm = _compiled_add_rmsnorm()
         generator = torch.Generator("cuda").manual_seed(1000 * t + rank)
         x = torch.randn(t, hidden, dtype=torch.bfloat16, device="cuda", generator=generator)
         residual = torch.randn(t, hidden, dtype=torch.bfloat16, device="cuda", generator=generator)
@@ -148,16 +148,19 @@ def measure_decode_steps(tokens: list[int], group: dist.ProcessGroup) -> list[di
 
     cfg = BENCH_MODELS["gpt-oss-e32"]
     model = build_model(register(cfg), 4, dtype=torch.bfloat16, device="cuda", tp_group=group)
+    steps = {}
+    for name in ("inductor", "fusion_passes"):
+        torch._dynamo.reset()
+        backend = fusion_passes.Backend() if name == "fusion_passes" else "inductor"
+        # Dynamo's automatic dynamic shapes: T=1 compiles static, T=2 once more with T dynamic.
+        steps[name] = (torch.compile(model, backend=backend), backend)
     rows = []
     for t in tokens:
         ids = torch.randint(0, cfg.vocab_size, (t,), device="cuda", generator=torch.Generator("cuda").manual_seed(t))
         row = {"T": t}
         outputs = {}
-        for name in ("inductor", "fusion_passes"):
-            torch._dynamo.reset()
-            backend = fusion_passes.Backend() if name == "fusion_passes" else "inductor"
+        for name, (step, backend) in steps.items():
             with torch.no_grad():
-                step = torch.compile(model, backend=backend, dynamic=False)
                 outputs[name] = step(ids)
                 row[f"{name}_step_us"] = _slowest(
                     graph_time_per_call_us(lambda: step(ids), 1, 5, 9, before_sample=dist.barrier)

@@ -205,6 +205,11 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--sweep-tiles", action="store_true", help="also time every kernel tile shape")
     parser.add_argument("--l2-warm", action="store_true", help="also time ours and cuBLAS with L2-resident operands")
+    parser.add_argument(
+        "--weight-loads-before-wait",
+        action="store_true",
+        help="opt in to the kernel's early weight loads (correct only for weights no running kernel writes)",
+    )
     parser.add_argument("--out", default="router_gemm_bench", help="directory for CSV, JSON and PNG")
     args = parser.parse_args(argv)
 
@@ -219,6 +224,7 @@ def main(argv: list[str]) -> int:
     if not kernels.load():
         print(f"router-gemm bench: kernels not loaded: {kernels.load_error()}", file=sys.stderr)
         return 2
+    torch.ops.fusion_passes._router_gemm_set_weight_loads_before_wait(args.weight_loads_before_wait)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     out_dtype = None if args.out_dtype == "input" else torch.float32
     shapes = _parse_shapes(args.shapes)
