@@ -91,18 +91,21 @@ struct Elem;
 template <>
 struct Elem<float> {
   static constexpr int kPerChunk = 4;
+  static constexpr int kCode = 0;  // Params::weight_dtype
   __device__ static float to_float(float v) { return v; }
   __device__ static float from_float(float v) { return v; }
 };
 template <>
 struct Elem<__nv_bfloat16> {
   static constexpr int kPerChunk = 8;
+  static constexpr int kCode = 1;
   __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 };
 template <>
 struct Elem<__half> {
   static constexpr int kPerChunk = 8;
+  static constexpr int kCode = 2;
   __device__ static float to_float(__half v) { return __half2float(v); }
   __device__ static __half from_float(float v) { return __float2half_rn(v); }
 };
@@ -143,6 +146,7 @@ __device__ __forceinline__ uint4 load_shared(const void* p) { return __ldcg(rein
 __device__ __forceinline__ void store(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 
 template <typename T>
+// A weight of another dtype than x, element by element.
 __device__ __forceinline__ void load_weight(const Params& p, int chunk, float* w) {
   constexpr int kN = Elem<T>::kPerChunk;
   const int first = chunk * kN;
@@ -299,26 +303,33 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
     }
   };
 
+  // h is kept packed (it is rounded to T anyway), and so is a weight of x's dtype, prefetched
+  // during the block reduction: 8 registers a chunk.
+  const bool weight_packed = p.weight_dtype == Elem<T>::kCode;
   for (int row = row_begin; row < row_end; ++row) {
-    float h[kMaxChunksPerThread][kN];
+    Chunk<T> h[kMaxChunksPerThread];
+    uint4 weight_chunk[kMaxChunksPerThread];
     float squares = 0.f;
 #pragma unroll
     for (int j = 0; j < kMaxChunksPerThread; ++j) {
       const int c = threadIdx.x + j * blockDim.x;
       if (c < chunks) {
-        reduced_chunk(row, c, h[j]);
+        Chunk<T> res;  // issued with the reduced chunk's loads, not after them
+        if (p.residual != nullptr) res.raw = load_local(static_cast<const char*>(p.residual) + row * row_bytes + c * 16);
+        float f[kN];
+        reduced_chunk(row, c, f);
         if (p.residual != nullptr) {
-          Chunk<T> res;
-          res.raw = load_local(static_cast<const char*>(p.residual) + row * row_bytes + c * 16);
-          float f[kN];
-          chunk_to_float(res, f);
+          float r[kN];
+          chunk_to_float(res, r);
 #pragma unroll
-          for (int i = 0; i < kN; ++i) h[j][i] += f[i];
-          round_to<T>(h[j]);
+          for (int i = 0; i < kN; ++i) f[i] += r[i];
         }
-        store(static_cast<char*>(p.residual_out) + row * row_bytes + c * 16, chunk_from_float<T>(h[j]).raw);
+        h[j] = chunk_from_float<T>(f);
+        store(static_cast<char*>(p.residual_out) + row * row_bytes + c * 16, h[j].raw);
+        chunk_to_float(h[j], f);
 #pragma unroll
-        for (int i = 0; i < kN; ++i) squares += h[j][i] * h[j][i];
+        for (int i = 0; i < kN; ++i) squares += f[i] * f[i];
+        if (weight_packed) weight_chunk[j] = load_local(static_cast<const char*>(p.weight) + c * 16);
       }
     }
     const float inv_rms = rsqrtf(block_sum(squares, scratch) / static_cast<float>(p.hidden) + p.eps);
@@ -326,11 +337,18 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
     for (int j = 0; j < kMaxChunksPerThread; ++j) {
       const int c = threadIdx.x + j * blockDim.x;
       if (c < chunks) {
-        float w[kN];
-        load_weight<T>(p, c, w);
+        float f[kN], w[kN];
+        chunk_to_float(h[j], f);
+        if (weight_packed) {
+          Chunk<T> packed;
+          packed.raw = weight_chunk[j];
+          chunk_to_float(packed, w);
+        } else {
+          load_weight<T>(p, c, w);
+        }
 #pragma unroll
-        for (int i = 0; i < kN; ++i) h[j][i] = h[j][i] * inv_rms * w[i];
-        store(static_cast<char*>(p.out) + row * row_bytes + c * 16, chunk_from_float<T>(h[j]).raw);
+        for (int i = 0; i < kN; ++i) f[i] = f[i] * inv_rms * w[i];
+        store(static_cast<char*>(p.out) + row * row_bytes + c * 16, chunk_from_float<T>(f).raw);
       }
     }
   }
@@ -338,7 +356,9 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
   if constexpr (M != Mode::kLocal) {
     // The last block to finish advances the epoch: the next call uses the other half.
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0 && gridDim.x == 1) {
+      p.counters[0] += 1;  // alone: no other block to count
+    } else if (threadIdx.x == 0) {
       __threadfence();
       if (atomicAdd(&p.counters[1], 1u) == gridDim.x - 1) {
         p.counters[1] = 0;
