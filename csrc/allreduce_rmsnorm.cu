@@ -47,6 +47,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -371,9 +372,14 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
 
 // -------------------------------------------------------------------------------- host
 
-int threads_for(int chunks) {
-  int per_thread = (chunks + kMaxThreads - 1) / kMaxThreads;
-  int threads = (chunks + per_thread - 1) / per_thread;
+// Few rows are latency: one chunk a thread, the widest block. Many rows in the local mode (one
+// block a row) are bandwidth: four chunks a thread in narrow blocks, so more blocks (and loads)
+// are in flight per SM. The symmetric modes have at most kMaxBlocks blocks and stay wide.
+constexpr int kManyRows = 512;
+
+int threads_for(int chunks, int64_t rows) {
+  int per_thread = rows >= kManyRows ? kMaxChunksPerThread : (chunks + kMaxThreads - 1) / kMaxThreads;
+  int threads = std::min((chunks + per_thread - 1) / per_thread, kMaxThreads);
   return ((threads + 31) / 32) * 32;
 }
 
@@ -458,7 +464,7 @@ void dispatch(Mode mode, int world, int grid, const at::Tensor& x, const Params&
   if (p.tokens == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const int chunks = static_cast<int>(p.hidden * x.element_size() / 16);
-  const int threads = threads_for(chunks);
+  const int threads = threads_for(chunks, mode == Mode::kLocal ? p.tokens : 0);
   auto stream = c10::cuda::getCurrentCUDAStream();
   switch (x.scalar_type()) {
     case at::kFloat:
