@@ -181,6 +181,32 @@ def measure_decode_steps(tokens: list[int], group: dist.ProcessGroup) -> list[di
     return rows
 
 
+def measure_local_norm(hidden: int, tokens: list[int]) -> list[dict]:
+    """One GPU: the NCCL path's add + RMSNorm kernel against Inductor's compiled add + RMSNorm,
+    on an input that is already reduced (what follows NCCL in both)."""
+    from fusion_passes.bench._timing import graph_time_per_call_us
+
+    weight = torch.randn(hidden, dtype=torch.bfloat16, device="cuda")
+    rows = []
+    for t in tokens:
+        torch._dynamo.reset()
+        norm = _compiled_add_rmsnorm()
+        reduced, residual = torch.randn(2, t, hidden, dtype=torch.bfloat16, device="cuda")
+        out, residual_out = torch.empty_like(reduced), torch.empty_like(reduced)
+
+        def kernel():
+            torch.ops.fusion_passes._fused_add_rmsnorm(reduced, residual, weight, EPS, out, residual_out)
+
+        row = {"T": t, "H": hidden}
+        row["fused_add_rmsnorm_us"] = graph_time_per_call_us(kernel, CALLS_PER_GRAPH, 4, 9)
+        row["inductor_add_rmsnorm_us"] = graph_time_per_call_us(
+            lambda: norm(reduced, residual, weight), CALLS_PER_GRAPH, 4, 9
+        )
+        rows.append(row)
+        print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return rows
+
+
 def targets_report(rows: list[dict]) -> list[str]:
     lines = []
     for row in rows:
@@ -229,7 +255,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--decode-tokens", default=DECODE_TOKENS)
     parser.add_argument("--skip-ops", action="store_true", help="only the decode steps")
     parser.add_argument("--out", type=Path, default=Path("bench_out/allreduce_rmsnorm"))
+    parser.add_argument("--local-norm", action="store_true", help="one GPU: only the NCCL path's add + norm kernel")
     args = parser.parse_args(argv)
+    if args.local_norm:
+        from fusion_passes import kernels
+
+        if not kernels.load():
+            raise SystemExit(f"the CUDA kernels did not load: {kernels.load_error()}")
+        rows = measure_local_norm(args.hidden, [int(t) for t in args.tokens.split(",")])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "local_norm.json").write_text(
+            json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "rows": rows}, indent=2)
+        )
+        return 0
     if "LOCAL_RANK" not in os.environ:
         return _relaunch_under_torchrun(args.nproc, argv)
 
