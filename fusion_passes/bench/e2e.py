@@ -103,7 +103,10 @@ def register(cfg: ModelConfig) -> str:
     return cfg.name
 
 
-def _timed(fn, device: str, replays: int) -> float:
+ROUTER_CALLS_PER_GRAPH = 20
+
+
+def _timed(fn, device: str, replays: int, calls_per_graph: int = 1) -> float:
     """Median seconds per call: CUDA-graph replay on a GPU, plain calls on a CPU."""
     if device == "cpu":
         samples = []
@@ -112,7 +115,7 @@ def _timed(fn, device: str, replays: int) -> float:
             fn()
             samples.append(time.perf_counter() - start)
         return statistics.median(samples)
-    return graph_time_per_call_us(fn, calls_per_graph=1, replays_per_sample=1, samples=replays) / 1e6
+    return graph_time_per_call_us(fn, calls_per_graph, replays_per_sample=1, samples=replays) / 1e6
 
 
 class RouterAndRouting(torch.nn.Module):
@@ -154,7 +157,10 @@ def measure(cfg: ModelConfig, layers: int, tokens: list[int], device: str, repla
                 if backend_name == "fusion_passes":
                     row["counts"] = dict(backend.report.counts)  # summed over the compiles so far
                 routing(hidden)
-                row[f"{backend_name}_router_routing_us"] = 1e6 * _timed(lambda: routing(hidden), device, replays)
+                # Many calls a graph: a lone call of a few µs would mostly time the graph's launch.
+                row[f"{backend_name}_router_routing_us"] = 1e6 * _timed(
+                    lambda: routing(hidden), device, replays, ROUTER_CALLS_PER_GRAPH
+                )
         a, b = outputs["inductor"].float(), outputs["fusion_passes"].float()
         row["relative_difference"] = ((a - b).norm() / a.norm()).item()
         row["step_speedup"] = row["inductor_step_us"] / row["fusion_passes_step_us"]
@@ -180,8 +186,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--full-layer", action="store_true", help="also one full-size gpt-oss-20b-shaped layer")
     parser.add_argument("--replays", type=int, default=50)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="write results.json here")
+    parser.add_argument("--out", default=None, help="write results.json and e2e.png here")
+    parser.add_argument("--replot", default=None, help="only redraw e2e.png from DIR/results.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.loads((Path(args.replot) / "results.json").read_text()), Path(args.replot) / "e2e.png")
+        return 0
 
     configs = SMOKE_MODELS if args.device == "cpu" else BENCH_MODELS
     unknown = set(args.models.split(",")) - set(configs)
@@ -196,5 +206,33 @@ def main(argv: list[str]) -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
-        (Path(args.out) / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        results = {"meta": meta, "rows": rows}
+        (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+        plot(results, Path(args.out) / "e2e.png")
     return 0
+
+
+def plot(results: dict, path: Path) -> None:
+    """Per model: decode-step and router + routing speedups over stock Inductor, against T."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (steps, routers) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for model in dict.fromkeys(row["model"] for row in results["rows"]):
+        rows = [row for row in results["rows"] if row["model"] == model]
+        tokens = [row["T"] for row in rows]
+        steps.plot(tokens, [row["step_speedup"] for row in rows], marker="o", label=model)
+        routers.plot(tokens, [row["router_routing_speedup"] for row in rows], marker="o", label=model)
+    for ax, title in ((steps, "whole decode step"), (routers, "router + routing of a layer")):
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("speedup over stock Inductor")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"fusion_passes vs stock Inductor, CUDA-graph replay, {results['meta']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
