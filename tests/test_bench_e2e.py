@@ -1,6 +1,7 @@
 """The end-to-end benchmark script runs (on CPU: tiny shapes, a smoke test of the
 script; the numbers come from a GPU)."""
 
+import importlib.util
 import json
 
 from fusion_passes.bench import e2e
@@ -16,3 +17,5 @@ def test_e2e_bench_smoke_on_cpu(tmp_path, capsys):
         assert row["relative_difference"] < 5e-2  # bf16 end to end; numerics are tested elsewhere
         assert row["inductor_step_us"] > 0 and row["fusion_passes_router_routing_us"] > 0
     assert "router+routing" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "e2e.png").stat().st_size > 0

@@ -208,7 +208,10 @@ def main(argv: list[str]) -> int:
         meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
         results = {"meta": meta, "rows": rows}
         (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
-        plot(results, Path(args.out) / "e2e.png")
+        try:
+            plot(results, Path(args.out) / "e2e.png")
+        except ImportError:
+            print("matplotlib is not installed (pip install 'fusion-passes[bench]'): no e2e.png")
     return 0
 
 
