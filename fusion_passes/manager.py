@@ -40,7 +40,9 @@ class GraphContext:
     ran: bool = False
 
 
-_graph_context: contextvars.ContextVar[GraphContext | None] = contextvars.ContextVar("fusion_passes_graph", default=None)
+_graph_context: contextvars.ContextVar[GraphContext | None] = contextvars.ContextVar(
+    "fusion_passes_graph", default=None
+)
 _standalone_index = itertools.count()
 
 
@@ -72,6 +74,10 @@ class PassManager(CustomGraphPass):
     def __init__(self, config: PassConfig | None = None, user_pass=None):
         self.config = config or PassConfig()
         self.user_pass = user_pass
+        # torch >= 2.13 also accepts a list of passes in the slot.
+        self._user_passes = (
+            tuple(user_pass) if isinstance(user_pass, (list, tuple)) else (user_pass,) * (user_pass is not None)
+        )
 
     def __call__(self, graph: Graph) -> None:
         context = _graph_context.get()
@@ -89,8 +95,8 @@ class PassManager(CustomGraphPass):
             self._record(graph, dump_dir, context.name, step, name, "after")
         if dump_dir:
             dump.update_summary(dump_dir, context.name, counts)
-        if self.user_pass is not None:
-            self.user_pass(graph)
+        for user_pass in self._user_passes:
+            user_pass(graph)
 
     @staticmethod
     def _record(graph, dump_dir, graph_name, step, pass_name, stage):
@@ -101,16 +107,14 @@ class PassManager(CustomGraphPass):
     def uuid(self) -> str | None:
         if self.config.resolved_dump_dir():
             return None  # a cache hit would skip the passes and write no dumps
-        user_uuid = None
-        if self.user_pass is not None:
-            user_uuid = self.user_pass.uuid() if hasattr(self.user_pass, "uuid") else None
-            if user_uuid is None:
-                return None  # an uncacheable user pass makes the whole slot uncacheable
+        user_uuids = [p.uuid() if hasattr(p, "uuid") else None for p in self._user_passes]
+        if None in user_uuids:
+            return None  # an uncacheable user pass makes the whole slot uncacheable
         key = {
             "version": __version__,
             "torch": torch.__version__,
             "sources": _source_hash(),
             "config": self.config.cache_key(),
-            "user_pass": repr(user_uuid),
+            "user_passes": repr(user_uuids),
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode()).hexdigest()

@@ -60,7 +60,8 @@ def test_assert_matches_fails_with_a_readable_diff():
         assert_matches(report, routr_gemm=4)
 
 
-def test_users_own_custom_pass_still_runs():
+@pytest.mark.parametrize("as_list", [False, True], ids=["one_pass", "list_of_passes"])
+def test_users_own_custom_pass_still_runs(as_list):
     seen = []
 
     class UserPass(torch._inductor.custom_graph_pass.CustomGraphPass):
@@ -72,9 +73,10 @@ def test_users_own_custom_pass_still_runs():
 
     torch._dynamo.reset()
     backend = fusion_passes.Backend()
-    with inductor_config.patch(post_grad_custom_post_pass=UserPass(), force_disable_caches=True), torch.no_grad():
+    installed = [UserPass(), UserPass()] if as_list else UserPass()
+    with inductor_config.patch(post_grad_custom_post_pass=installed, force_disable_caches=True), torch.no_grad():
         torch.compile(Router("softmax_topk"), backend=backend)(torch.randn(4, H))
-    assert seen == [1]  # it ran, after ours
+    assert seen == ([1, 1] if as_list else [1])  # each ran, after ours
 
 
 def test_uuid_covers_config_and_user_pass():
