@@ -122,11 +122,16 @@ def workspace(group_name: str, device: torch.device) -> Workspace | None:
     return _workspaces[group_name]
 
 
+def kernels_take(x: torch.Tensor) -> bool:
+    """Whether the kernels handle x's rows: fp32/bf16/fp16, a multiple of 16 bytes, at most 64 KiB."""
+    row_bytes = x.shape[-1] * x.element_size()
+    return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and row_bytes % 16 == 0 and row_bytes <= 64 * 1024
+
+
 def choose_algorithm(x: torch.Tensor, world_size: int, ws: Workspace | None) -> str:
     """The path for x; a function of the shape and dtype alone, so every rank agrees."""
-    row_bytes = x.shape[-1] * x.element_size()
     nbytes = x.numel() * x.element_size()
-    symmetric_ok = ws is not None and world_size >= 2 and row_bytes % 16 == 0 and row_bytes <= 64 * 1024
+    symmetric_ok = ws is not None and world_size >= 2 and kernels_take(x)
     one_shot_max = ONE_SHOT_MAX_BYTES.get(world_size, ONE_SHOT_MAX_BYTES_UNMEASURED)
     two_shot_max = TWO_SHOT_MAX_BYTES.get(world_size, TWO_SHOT_MAX_BYTES_UNMEASURED)
     if symmetric_ok and nbytes <= one_shot_max and ws.fits(x, ONE_SHOT):
@@ -152,8 +157,7 @@ def fused_allreduce_rmsnorm_cuda(x, residual, weight, eps, group_name, algorithm
     x2d = _aligned(x.reshape(-1, hidden))
     res2d = _aligned(None if residual is None else residual.reshape(-1, hidden))
     weight = weight.contiguous()
-    row_bytes = hidden * x.element_size()
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or row_bytes % 16 or row_bytes > 64 * 1024:
+    if not kernels_take(x):
         return ops.fused_allreduce_rmsnorm_composite(x, residual, weight, eps, group_name)
     from torch.distributed.distributed_c10d import _resolve_process_group
 

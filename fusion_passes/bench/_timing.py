@@ -28,7 +28,8 @@ def graph_time_per_call_us(
     with torch.cuda.graph(graph):
         for _ in range(calls_per_graph):
             fn()
-    graph.replay()
+    for _ in range(3):
+        graph.replay()
     per_call = []
     for _ in range(samples):
         if before_sample is not None:

@@ -23,12 +23,13 @@ import csv
 import datetime
 import json
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from fusion_passes.bench._timing import graph_time_per_call_us as time_per_call_us
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Targets of the issue: per-call time for small batches, and the ratio to Inductor at the top.
@@ -50,33 +51,6 @@ def composite_routing(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 
 def fused_routing(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.fusion_passes.topk_routing(logits, k, "softmax", True, None)
-
-
-def time_per_call_us(fn, calls_per_graph: int, replays_per_sample: int, samples: int) -> float:
-    """Median time of one call, from CUDA-graph replays of `calls_per_graph` calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            fn()
-    for _ in range(3):
-        graph.replay()
-    per_call = []
-    for _ in range(samples):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays_per_sample):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        per_call.append(start.elapsed_time(end) * 1e3 / (replays_per_sample * calls_per_graph))
-    del graph
-    return statistics.median(per_call)
 
 
 def check_agreement(logits: torch.Tensor, k: int, compiled) -> None:
