@@ -43,3 +43,37 @@ def graph_time_per_call_us(
         end.synchronize()
         per_call.append(start.elapsed_time(end) * 1e3 / (replays_per_sample * calls_per_graph))
     return statistics.median(per_call)
+
+
+def profiled_kernels_per_call(fn: Callable[[], object], calls_per_graph: int = 20, replays: int = 5) -> dict:
+    """GPU time and kernel count per call of ``fn`` from the profiler: the durations of the
+    kernels (memsets and copies included) recorded while a graph of ``calls_per_graph`` calls
+    replays. Launch gaps are not in it, so this is what the call's kernels cost wherever they
+    run, next to what ``graph_time_per_call_us`` says a back-to-back chain of them takes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = torch.cuda.CUDAGraph()
+    fn()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not kernels:
+        raise RuntimeError("the profiler recorded no GPU activity inside the CUDA graph (CUPTI unavailable?)")
+    calls = calls_per_graph * replays
+    names: dict[str, float] = {}
+    for e in kernels:
+        names[e.name] = names.get(e.name, 0.0) + e.time_range.elapsed_us() / calls
+    return {
+        "us": sum(names.values()),
+        "kernels": len(kernels) / calls,
+        "by_kernel_us": dict(sorted(names.items(), key=lambda item: -item[1])),
+    }

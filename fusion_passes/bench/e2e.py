@@ -12,9 +12,10 @@ expert, torch._grouped_mm where the installed torch has it):
 Each step (T tokens of one decode step, no KV cache: attention over the T tokens) is
 compiled once per backend (static at the first T, dynamic from the second), captured in a
 CUDA graph per T and replayed;
-the number is the median replay time. The router + routing part of a layer is timed
-the same way on its own (the MoE block's router linear and routing, compiled and
-captured alone), which is what the passes replace.
+the number is the median replay time. The router + routing part of a layer (the MoE block's router linear and routing,
+compiled and captured alone: what the passes replace) is timed two ways: 20 calls a graph
+(µs per call of the chain), and from the profiler, the summed duration of its kernels
+per call and how many there are.
 
 ``--device cpu`` runs the same code eagerly-timed on tiny shapes: a smoke test of
 this script, not a benchmark.
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 import fusion_passes
-from fusion_passes.bench._timing import graph_time_per_call_us
+from fusion_passes.bench._timing import graph_time_per_call_us, profiled_kernels_per_call
 from fusion_passes.models import MODELS, ModelConfig, MoEConfig, build_model
 
 
@@ -161,15 +162,30 @@ def measure(cfg: ModelConfig, layers: int, tokens: list[int], device: str, repla
                 row[f"{backend_name}_router_routing_us"] = 1e6 * _timed(
                     lambda: routing(hidden), device, replays, ROUTER_CALLS_PER_GRAPH
                 )
+                if device == "cuda":  # the profiler's view: the kernels' own time, no launch gaps
+                    profiled = profiled_kernels_per_call(lambda: routing(hidden), ROUTER_CALLS_PER_GRAPH)
+                    row[f"{backend_name}_router_routing_kernel_us"] = profiled["us"]
+                    row[f"{backend_name}_router_routing_kernels"] = profiled["kernels"]
+                    row[f"{backend_name}_router_routing_by_kernel_us"] = profiled["by_kernel_us"]
         a, b = outputs["inductor"].float(), outputs["fusion_passes"].float()
         row["relative_difference"] = ((a - b).norm() / a.norm()).item()
         row["step_speedup"] = row["inductor_step_us"] / row["fusion_passes_step_us"]
         row["router_routing_speedup"] = row["inductor_router_routing_us"] / row["fusion_passes_router_routing_us"]
+        profiled = ""
+        if "inductor_router_routing_kernel_us" in row:
+            row["router_routing_kernel_speedup"] = (
+                row["inductor_router_routing_kernel_us"] / row["fusion_passes_router_routing_kernel_us"]
+            )
+            profiled = (
+                f"   profiler: {row['inductor_router_routing_kernel_us']:.1f} us in"
+                f" {row['inductor_router_routing_kernels']:.0f} kernels -> {row['fusion_passes_router_routing_kernel_us']:.1f}"
+                f" us in {row['fusion_passes_router_routing_kernels']:.0f} ({row['router_routing_kernel_speedup']:.2f}x)"
+            )
         rows.append(row)
         print(
             f"{cfg.name:>22} T={num_tokens:<4} step {row['inductor_step_us']:9.1f} -> {row['fusion_passes_step_us']:9.1f} us"
             f" ({row['step_speedup']:.2f}x)   router+routing {row['inductor_router_routing_us']:7.1f} ->"
-            f" {row['fusion_passes_router_routing_us']:7.1f} us ({row['router_routing_speedup']:.2f}x)"
+            f" {row['fusion_passes_router_routing_us']:7.1f} us ({row['router_routing_speedup']:.2f}x){profiled}"
             f"   rel diff {row['relative_difference']:.1e}",
             flush=True,
         )
@@ -227,7 +243,16 @@ def plot(results: dict, path: Path) -> None:
         rows = [row for row in results["rows"] if row["model"] == model]
         tokens = [row["T"] for row in rows]
         steps.plot(tokens, [row["step_speedup"] for row in rows], marker="o", label=model)
-        routers.plot(tokens, [row["router_routing_speedup"] for row in rows], marker="o", label=model)
+        line = routers.plot(tokens, [row["router_routing_speedup"] for row in rows], marker="o", label=f"{model}, chain")
+        if all("router_routing_kernel_speedup" in row for row in rows):
+            routers.plot(
+                tokens,
+                [row["router_routing_kernel_speedup"] for row in rows],
+                marker="s",
+                linestyle="--",
+                color=line[0].get_color(),
+                label=f"{model}, profiler kernel time",
+            )
     for ax, title in ((steps, "whole decode step"), (routers, "router + routing of a layer")):
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xscale("log", base=2)
