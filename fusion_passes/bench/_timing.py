@@ -8,41 +8,51 @@ from collections.abc import Callable
 import torch
 
 
-def graph_time_per_call_us(
-    fn: Callable[[], object],
+def graph_times_us(
+    fns: dict[str, Callable[[], object]],
     calls_per_graph: int = 1,
     replays_per_sample: int = 5,
     samples: int = 15,
     before_sample: Callable[[], None] | None = None,
-) -> float:
-    """Median µs per call of ``fn``: captured ``calls_per_graph`` times into one CUDA graph, a
-    sample times ``replays_per_sample`` back-to-back replays with CUDA events. ``before_sample``
-    runs ahead of each sample (a cross-rank barrier, in multi-GPU runs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+) -> dict[str, float]:
+    """Median µs per call of each function: each captured ``calls_per_graph`` times into its
+    own CUDA graph; a sample times ``replays_per_sample`` back-to-back replays with CUDA
+    events. The functions' samples alternate, so a drift in clocks or temperature during the
+    run reaches them all alike. ``before_sample`` runs ahead of each sample (a cross-rank
+    barrier, in multi-GPU runs)."""
+    graphs = {}
+    for name, fn in fns.items():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graphs[name] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[name]):
+            for _ in range(calls_per_graph):
+                fn()
         for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            fn()
-    for _ in range(3):
-        graph.replay()
-    per_call = []
+            graphs[name].replay()
+    per_call: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(samples):
-        if before_sample is not None:
-            before_sample()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays_per_sample):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        per_call.append(start.elapsed_time(end) * 1e3 / (replays_per_sample * calls_per_graph))
-    return statistics.median(per_call)
+        for name, graph in graphs.items():
+            if before_sample is not None:
+                before_sample()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays_per_sample):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            per_call[name].append(start.elapsed_time(end) * 1e3 / (replays_per_sample * calls_per_graph))
+    return {name: statistics.median(times) for name, times in per_call.items()}
+
+
+def graph_time_per_call_us(fn: Callable[[], object], *args, **kwargs) -> float:
+    """``graph_times_us`` of one function."""
+    return graph_times_us({"fn": fn}, *args, **kwargs)["fn"]
 
 
 def profiled_kernels_per_call(fn: Callable[[], object], calls_per_graph: int = 20, replays: int = 5) -> dict:

@@ -11,8 +11,8 @@ expert, torch._grouped_mm where the installed torch has it):
 
 Each step (T tokens of one decode step, no KV cache: attention over the T tokens) is
 compiled once per backend (static at the first T, dynamic from the second), captured in a
-CUDA graph per T and replayed;
-the number is the median replay time. The router + routing part of a layer (the MoE block's router linear and routing,
+CUDA graph per T and replayed; the number is the median replay time, the two backends'
+replays alternating. The router + routing part of a layer (the MoE block's router linear and routing,
 compiled and captured alone: what the passes replace) is timed two ways: 20 calls a graph
 (µs per call of the chain), and from the profiler, the summed duration of its kernels
 per call and how many there are.
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import fusion_passes
-from fusion_passes.bench._timing import graph_time_per_call_us, profiled_kernels_per_call
+from fusion_passes.bench._timing import graph_times_us, profiled_kernels_per_call
 from fusion_passes.models import MODELS, ModelConfig, MoEConfig, build_model
 
 
@@ -107,16 +107,21 @@ def register(cfg: ModelConfig) -> str:
 ROUTER_CALLS_PER_GRAPH = 20
 
 
-def _timed(fn, device: str, replays: int, calls_per_graph: int = 1) -> float:
-    """Median seconds per call: CUDA-graph replay on a GPU, plain calls on a CPU."""
+def _timed(fns: dict, device: str, replays: int, calls_per_graph: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function: CUDA-graph replay on a GPU, the functions'
+    samples alternating; plain calls on a CPU."""
     if device == "cpu":
-        samples = []
-        for _ in range(replays):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
-    return graph_time_per_call_us(fn, calls_per_graph, replays_per_sample=1, samples=replays) / 1e6
+        seconds = {}
+        for name, fn in fns.items():
+            samples = []
+            for _ in range(replays):
+                start = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - start)
+            seconds[name] = statistics.median(samples)
+        return seconds
+    times = graph_times_us(fns, calls_per_graph, replays_per_sample=1, samples=replays)
+    return {name: us / 1e6 for name, us in times.items()}
 
 
 class RouterAndRouting(torch.nn.Module):
@@ -150,23 +155,23 @@ def measure(cfg: ModelConfig, layers: int, tokens: list[int], device: str, repla
         ids = torch.randint(0, cfg.vocab_size, (num_tokens,), device=device, generator=generator)
         hidden = torch.randn(num_tokens, cfg.hidden_size, dtype=dtype, device=device, generator=generator)
         row = {"model": cfg.name, "layers": layers, "T": num_tokens}
-        outputs = {}
-        for backend_name, ((step, backend), routing) in compiled.items():
-            with torch.no_grad():
-                outputs[backend_name] = step(ids)
-                row[f"{backend_name}_step_us"] = 1e6 * _timed(lambda: step(ids), device, replays)
-                if backend_name == "fusion_passes":
-                    row["counts"] = dict(backend.report.counts)  # summed over the compiles so far
-                routing(hidden)
-                # Many calls a graph: a lone call of a few µs would mostly time the graph's launch.
-                row[f"{backend_name}_router_routing_us"] = 1e6 * _timed(
-                    lambda: routing(hidden), device, replays, ROUTER_CALLS_PER_GRAPH
-                )
-                if device == "cuda":  # the profiler's view: the kernels' own time, no launch gaps
-                    profiled = profiled_kernels_per_call(lambda: routing(hidden), ROUTER_CALLS_PER_GRAPH)
-                    row[f"{backend_name}_router_routing_kernel_us"] = profiled["us"]
-                    row[f"{backend_name}_router_routing_kernels"] = profiled["kernels"]
-                    row[f"{backend_name}_router_routing_by_kernel_us"] = profiled["by_kernel_us"]
+        with torch.no_grad():
+            outputs = {b: step(ids) for b, ((step, _), _) in compiled.items()}
+            row["counts"] = dict(compiled["fusion_passes"][0][1].report.counts)  # summed over the compiles so far
+            steps = {b: (lambda step=step: step(ids)) for b, ((step, _), _) in compiled.items()}
+            routings = {b: (lambda routing=routing: routing(hidden)) for b, (_, routing) in compiled.items()}
+            for b, seconds in _timed(steps, device, replays).items():
+                row[f"{b}_step_us"] = 1e6 * seconds
+            # Many calls a graph: a lone call of a few µs would mostly time the graph's launch.
+            for b, seconds in _timed(routings, device, replays, ROUTER_CALLS_PER_GRAPH).items():
+                row[f"{b}_router_routing_us"] = 1e6 * seconds
+            if device == "cuda":  # the profiler's view: the kernels' own time, no launch gaps
+                for b in compiled:
+                    profiled = profiled_kernels_per_call(routings[b], ROUTER_CALLS_PER_GRAPH)
+                    row[f"{b}_router_routing_kernel_us"] = profiled["us"]
+                    row[f"{b}_router_routing_kernels"] = profiled["kernels"]
+                    row[f"{b}_router_routing_by_kernel_us"] = profiled["by_kernel_us"]
+                    row[f"{b}_step_by_kernel_us"] = profiled_kernels_per_call(steps[b], 1)["by_kernel_us"]
         a, b = outputs["inductor"].float(), outputs["fusion_passes"].float()
         row["relative_difference"] = ((a - b).norm() / a.norm()).item()
         row["step_speedup"] = row["inductor_step_us"] / row["fusion_passes_step_us"]
