@@ -172,6 +172,7 @@ def measure(cfg: ModelConfig, layers: int, tokens: list[int], device: str, repla
                     row[f"{b}_router_routing_kernels"] = profiled["kernels"]
                     row[f"{b}_router_routing_by_kernel_us"] = profiled["by_kernel_us"]
                     row[f"{b}_step_by_kernel_us"] = profiled_kernels_per_call(steps[b], 1)["by_kernel_us"]
+                    row[f"{b}_router_routing_in_step_us"] = in_step_router_routing_us(row, b)
         a, b = outputs["inductor"].float(), outputs["fusion_passes"].float()
         row["relative_difference"] = ((a - b).norm() / a.norm()).item()
         row["step_speedup"] = row["inductor_step_us"] / row["fusion_passes_step_us"]
@@ -195,6 +196,17 @@ def measure(cfg: ModelConfig, layers: int, tokens: list[int], device: str, repla
             flush=True,
         )
     return rows
+
+
+def in_step_router_routing_us(row: dict, backend: str) -> float:
+    """Router + routing time per layer inside the whole step, from the step's profile: the
+    kernels whose names the standalone router + routing compile also ran. Exact where those
+    names are the router's and routing's own (our two kernels); an upper bound where the step
+    runs a kernel of the same name elsewhere (a cuBLAS GEMM or sort shared with the experts),
+    and short of a kernel that Inductor fused into a neighbour in the step."""
+    names = row[f"{backend}_router_routing_by_kernel_us"]
+    step = row[f"{backend}_step_by_kernel_us"]
+    return sum(us for name, us in step.items() if name in names) / row["layers"]
 
 
 def main(argv: list[str]) -> int:
