@@ -19,3 +19,13 @@ def test_e2e_bench_smoke_on_cpu(tmp_path, capsys):
     assert "router+routing" in capsys.readouterr().out
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "e2e.png").stat().st_size > 0
+
+
+def test_in_step_router_routing_sums_the_standalone_kernels_per_layer():
+    row = {
+        "layers": 2,
+        "fusion_passes_router_routing_by_kernel_us": {"router_gemm_kernel": 3.0, "topk_routing_kernel": 1.5, "cast": 1.0},
+        # In the step the cast is fused away and the experts' kernels are not router + routing.
+        "fusion_passes_step_by_kernel_us": {"router_gemm_kernel": 6.0, "topk_routing_kernel": 3.0, "grouped_gemm": 400.0},
+    }
+    assert e2e.in_step_router_routing_us(row, "fusion_passes") == 4.5
