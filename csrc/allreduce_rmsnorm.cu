@@ -304,8 +304,12 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
     }
   };
 
-  // h is kept packed (it is rounded to T anyway), and so is a weight of x's dtype, prefetched
-  // during the block reduction: 8 registers a chunk.
+  // The symmetric modes are latency-bound: h is kept packed in registers (it is rounded to T
+  // anyway), and so is a weight of x's dtype, prefetched during the block reduction. kLocal
+  // streams many rows: it keeps neither and reads both again after the reduction (h from
+  // residual_out, this thread's own store, an L2 hit; the weight an L1 hit), which halves its
+  // registers, so twice the blocks are resident and large inputs run in one wave.
+  constexpr bool kReload = M == Mode::kLocal;
   const bool weight_packed = p.weight_dtype == Elem<T>::kCode;
   for (int row = row_begin; row < row_end; ++row) {
     Chunk<T> h[kMaxChunksPerThread];
@@ -330,7 +334,7 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
         chunk_to_float(h[j], f);
 #pragma unroll
         for (int i = 0; i < kN; ++i) squares += f[i] * f[i];
-        if (weight_packed) weight_chunk[j] = load_local(static_cast<const char*>(p.weight) + c * 16);
+        if (!kReload && weight_packed) weight_chunk[j] = load_local(static_cast<const char*>(p.weight) + c * 16);
       }
     }
     const float inv_rms = rsqrtf(block_sum(squares, scratch) / static_cast<float>(p.hidden) + p.eps);
@@ -339,6 +343,10 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
       const int c = threadIdx.x + j * blockDim.x;
       if (c < chunks) {
         float f[kN], w[kN];
+        if constexpr (kReload) {
+          h[j].raw = load_local(static_cast<const char*>(p.residual_out) + row * row_bytes + c * 16);
+          if (weight_packed) weight_chunk[j] = load_local(static_cast<const char*>(p.weight) + c * 16);
+        }
         chunk_to_float(h[j], f);
         if (weight_packed) {
           Chunk<T> packed;
