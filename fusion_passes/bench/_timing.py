@@ -8,6 +8,24 @@ from collections.abc import Callable
 import torch
 
 
+def captured(fn: Callable[[], object], calls_per_graph: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls_per_graph`` calls of ``fn``, warmed up (three calls on a side
+    stream before the capture, three replays after it)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            fn()
+    for _ in range(3):
+        graph.replay()
+    return graph
+
+
 def graph_times_us(
     fns: dict[str, Callable[[], object]],
     calls_per_graph: int = 1,
@@ -20,20 +38,7 @@ def graph_times_us(
     events. The functions' samples alternate, so a drift in clocks or temperature during the
     run reaches them all alike. ``before_sample`` runs ahead of each sample (a cross-rank
     barrier, in multi-GPU runs)."""
-    graphs = {}
-    for name, fn in fns.items():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graphs[name] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs[name]):
-            for _ in range(calls_per_graph):
-                fn()
-        for _ in range(3):
-            graphs[name].replay()
+    graphs = {name: captured(fn, calls_per_graph) for name, fn in fns.items()}
     per_call: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(samples):
         for name, graph in graphs.items():
@@ -63,13 +68,7 @@ def profiled_kernels_per_call(fn: Callable[[], object], calls_per_graph: int = 2
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    graph = torch.cuda.CUDAGraph()
-    fn()
-    torch.cuda.synchronize()
-    with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            fn()
-    graph.replay()
+    graph = captured(fn, calls_per_graph)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):

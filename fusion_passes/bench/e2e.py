@@ -13,9 +13,10 @@ Each step (T tokens of one decode step, no KV cache: attention over the T tokens
 compiled once per backend (static at the first T, dynamic from the second), captured in a
 CUDA graph per T and replayed; the number is the median replay time, the two backends'
 replays alternating. The router + routing part of a layer (the MoE block's router linear and routing,
-compiled and captured alone: what the passes replace) is timed two ways: 20 calls a graph
-(µs per call of the chain), and from the profiler, the summed duration of its kernels
-per call and how many there are.
+compiled and captured alone: what the passes replace) is timed three ways: 20 calls a graph
+(µs per call of the chain); from the profiler, the summed duration of its kernels per call
+and how many there are; and inside the whole step's profile, per layer
+(``in_step_router_routing_us``).
 
 ``--device cpu`` runs the same code eagerly-timed on tiny shapes: a smoke test of
 this script, not a benchmark.
@@ -177,12 +178,12 @@ def measure(cfg: ModelConfig, layers: int, tokens: list[int], device: str, repla
         row["relative_difference"] = ((a - b).norm() / a.norm()).item()
         row["step_speedup"] = row["inductor_step_us"] / row["fusion_passes_step_us"]
         row["router_routing_speedup"] = row["inductor_router_routing_us"] / row["fusion_passes_router_routing_us"]
-        profiled = ""
+        profiler_note = ""
         if "inductor_router_routing_kernel_us" in row:
             row["router_routing_kernel_speedup"] = (
                 row["inductor_router_routing_kernel_us"] / row["fusion_passes_router_routing_kernel_us"]
             )
-            profiled = (
+            profiler_note = (
                 f"   profiler: {row['inductor_router_routing_kernel_us']:.1f} us in"
                 f" {row['inductor_router_routing_kernels']:.0f} kernels -> {row['fusion_passes_router_routing_kernel_us']:.1f}"
                 f" us in {row['fusion_passes_router_routing_kernels']:.0f} ({row['router_routing_kernel_speedup']:.2f}x)"
@@ -191,7 +192,7 @@ def measure(cfg: ModelConfig, layers: int, tokens: list[int], device: str, repla
         print(
             f"{cfg.name:>22} T={num_tokens:<4} step {row['inductor_step_us']:9.1f} -> {row['fusion_passes_step_us']:9.1f} us"
             f" ({row['step_speedup']:.2f}x)   router+routing {row['inductor_router_routing_us']:7.1f} ->"
-            f" {row['fusion_passes_router_routing_us']:7.1f} us ({row['router_routing_speedup']:.2f}x){profiled}"
+            f" {row['fusion_passes_router_routing_us']:7.1f} us ({row['router_routing_speedup']:.2f}x){profiler_note}"
             f"   rel diff {row['relative_difference']:.1e}",
             flush=True,
         )
