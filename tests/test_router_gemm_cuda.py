@@ -334,6 +334,75 @@ def test_chain_in_graph_under_memory_pressure(neighbours):
     )
 
 
+# ------------------------------------------------------------ concurrency and capture
+
+
+def test_concurrent_graphs_on_four_streams():
+    """Four graphs of 50 router GEMMs each (different shapes, T and inputs), replayed at the
+    same time on four streams, 20 times: concurrent launches share the SMs (and their
+    clusters' distributed shared memory) and must not disturb each other. Every output
+    equals its eager value bitwise."""
+    seed = _seed()
+    shapes = [(2880, 128, 1), (2880, 32, 16), (2048, 128, 9), (7168, 256, 3)]  # H, E, T
+    calls_per_graph = 50
+    work = []
+    for i, (hidden, experts, tokens) in enumerate(shapes):
+        xs, ws = [], []
+        for c in range(calls_per_graph):
+            x, w, _ = _inputs(tokens, hidden, experts, torch.bfloat16, False, seed + 100 * i + c)
+            xs.append(x)
+            ws.append(w)
+        expected = [OPS.router_gemm(x, w, None, None) for x, w in zip(xs, ws)]
+        work.append((xs, ws, expected))
+    streams = [torch.cuda.Stream() for _ in shapes]
+    graphs, outs = [], []
+    for (xs, ws, _), stream in zip(work, streams):
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            outs.append([OPS.router_gemm(x, w, None, None) for x, w in zip(xs, ws)])
+        graphs.append(graph)
+    torch.cuda.synchronize()
+    for _ in range(20):
+        for graph, stream in zip(graphs, streams):
+            with torch.cuda.stream(stream):
+                graph.replay()
+        torch.cuda.synchronize()
+        for i, (_, _, expected) in enumerate(work):
+            for c in range(calls_per_graph):
+                _assert_bitwise(outs[i][c], expected[c], f"shape {shapes[i]} call {c} seed={seed}")
+
+
+def test_first_call_inside_graph_capture():
+    """In a fresh process, the very first router GEMM is inside CUDA-graph capture (global
+    mode, torch's default): what the op sets up on first use (the multiprocessor count, the
+    kernel's attributes) must be legal during capture. The replay equals eager bitwise."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import torch, fusion_passes
+        from fusion_passes import kernels
+        assert kernels.load(), kernels.load_error()
+        ops = torch.ops.fusion_passes
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(5, 2880, generator=g, device="cuda").bfloat16()
+        w = torch.randn(128, 2880, generator=g, device="cuda").bfloat16()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = ops.router_gemm(x, w, None, None)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = ops.router_gemm(x, w, None, None)
+        assert torch.equal(out.view(torch.int16), eager.view(torch.int16)), (out - eager).abs().max()
+        print("ok")
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+
+
 # ----------------------------------------------------------- bad and unusual inputs
 
 
@@ -452,8 +521,8 @@ def test_weight_loads_before_wait_give_the_same_bits():
 
 
 def sanitizer_workload() -> int:
-    """A few representative calls for compute-sanitizer: every tile shape, cluster sizes
-    1 and 8, partial tiles in E, T and H, all output dtypes, and the PDL chain. Checks the
+    """A few representative calls for compute-sanitizer: every tile shape, K split over 1
+    and 8 CTAs, partial tiles in E, T and H, all output dtypes, and the PDL chain. Checks the
     results against a CPU float64 reference (so that cuBLAS stays out of the way)."""
     assert kernels.load(), kernels.load_error()
     OPS._router_gemm_set_max_tokens(ALL_TOKENS_TO_KERNEL)
