@@ -223,7 +223,7 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return total;
 }
 
-template <typename T, int W, Mode M>
+template <typename T, int W, Mode M, int kChunks = kMaxChunksPerThread>
 __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p) {
   constexpr int kN = Elem<T>::kPerChunk;
   const int chunks = p.hidden / kN;
@@ -312,11 +312,11 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
   constexpr bool kReload = M == Mode::kLocal;
   const bool weight_packed = p.weight_dtype == Elem<T>::kCode;
   for (int row = row_begin; row < row_end; ++row) {
-    Chunk<T> h[kMaxChunksPerThread];
-    uint4 weight_chunk[kMaxChunksPerThread];
+    Chunk<T> h[kChunks];
+    uint4 weight_chunk[kChunks];
     float squares = 0.f;
 #pragma unroll
-    for (int j = 0; j < kMaxChunksPerThread; ++j) {
+    for (int j = 0; j < kChunks; ++j) {
       const int c = threadIdx.x + j * blockDim.x;
       if (c < chunks) {
         Chunk<T> res;  // issued with the reduced chunk's loads, not after them
@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
     }
     const float inv_rms = rsqrtf(block_sum(squares, scratch) / static_cast<float>(p.hidden) + p.eps);
 #pragma unroll
-    for (int j = 0; j < kMaxChunksPerThread; ++j) {
+    for (int j = 0; j < kChunks; ++j) {
       const int c = threadIdx.x + j * blockDim.x;
       if (c < chunks) {
         float f[kN], w[kN];
@@ -380,13 +380,19 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
 
 // -------------------------------------------------------------------------------- host
 
-// Few rows are latency: one chunk a thread, the widest block. Many rows in the local mode (one
-// block a row) are bandwidth: four chunks a thread in narrow blocks, so more blocks (and loads)
-// are in flight per SM. The symmetric modes have at most kMaxBlocks blocks and stay wide.
+// Few rows are latency: as few chunks a thread as the widest block allows. Many rows in the
+// local mode (one block a row) are bandwidth: two chunks a thread, so more blocks (and loads)
+// are in flight per SM. On H100 (H = 2880 bf16, T = 512-8192) two chunks came closest to
+// Inductor's norm at every T, one and four chunks and two or four rows a block less close
+// (docs/benchmarks.md, local norm). The symmetric modes have at most kMaxBlocks blocks and
+// stay wide.
 constexpr int kManyRows = 512;
+constexpr int kManyRowsChunksPerThread = 2;
 
 int threads_for(int chunks, int64_t rows) {
-  int per_thread = rows >= kManyRows ? kMaxChunksPerThread : (chunks + kMaxThreads - 1) / kMaxThreads;
+  const int few_rows_per_thread = (chunks + kMaxThreads - 1) / kMaxThreads;
+  const int per_thread =
+      rows >= kManyRows ? std::max(kManyRowsChunksPerThread, few_rows_per_thread) : few_rows_per_thread;
   int threads = std::min((chunks + per_thread - 1) / per_thread, kMaxThreads);
   return ((threads + 31) / 32) * 32;
 }
@@ -411,8 +417,15 @@ void launch_for_world(int world, int grid, int threads, const Params& p, cudaStr
 
 template <typename T>
 void launch(Mode mode, int world, int grid, int threads, const Params& p, cudaStream_t stream) {
-  if (mode == Mode::kLocal) {
-    allreduce_rmsnorm_kernel<T, 1, Mode::kLocal><<<grid, threads, 0, stream>>>(p);
+  if (mode == Mode::kLocal) {  // registers sized to the chunks a thread holds (45-56 on sm_90a)
+    const int per_thread = (p.hidden * static_cast<int>(sizeof(T)) / 16 + threads - 1) / threads;
+    if (per_thread <= 1) {
+      allreduce_rmsnorm_kernel<T, 1, Mode::kLocal, 1><<<grid, threads, 0, stream>>>(p);
+    } else if (per_thread == 2) {
+      allreduce_rmsnorm_kernel<T, 1, Mode::kLocal, 2><<<grid, threads, 0, stream>>>(p);
+    } else {
+      allreduce_rmsnorm_kernel<T, 1, Mode::kLocal><<<grid, threads, 0, stream>>>(p);
+    }
   } else if (mode == Mode::kOneShot) {
     launch_for_world<T, Mode::kOneShot>(world, grid, threads, p, stream);
   } else {
