@@ -382,9 +382,8 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
 
 // Few rows are latency: as few chunks a thread as the widest block allows. Many rows in the
 // local mode (one block a row) are bandwidth: two chunks a thread, so more blocks (and loads)
-// are in flight per SM. On H100 (H = 2880 bf16, T = 512-8192) two chunks came closest to
-// Inductor's norm at every T, one and four chunks and two or four rows a block less close
-// (docs/benchmarks.md, local norm). The symmetric modes have at most kMaxBlocks blocks and
+// are in flight per SM. On H100 (H = 2880 bf16, T = 512-8192) two chunks and one row a block
+// came closest to Inductor's norm at every T but 1024 (docs/benchmarks.md, local norm). The symmetric modes have at most kMaxBlocks blocks and
 // stay wide.
 constexpr int kManyRows = 512;
 constexpr int kManyRowsChunksPerThread = 2;
