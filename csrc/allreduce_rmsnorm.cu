@@ -383,8 +383,8 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
 // Few rows are latency: as few chunks a thread as the widest block allows. Many rows in the
 // local mode (one block a row) are bandwidth: two chunks a thread, so more blocks (and loads)
 // are in flight per SM. On H100 (H = 2880 bf16, T = 512-8192) two chunks and one row a block
-// came closest to Inductor's norm at every T but 1024 (docs/benchmarks.md, local norm). The symmetric modes have at most kMaxBlocks blocks and
-// stay wide.
+// came closest to Inductor's norm at every T but 1024 (docs/benchmarks.md, local norm). The
+// symmetric modes have at most kMaxBlocks blocks and stay wide.
 constexpr int kManyRows = 512;
 constexpr int kManyRowsChunksPerThread = 2;
 
@@ -416,7 +416,7 @@ void launch_for_world(int world, int grid, int threads, const Params& p, cudaStr
 
 template <typename T>
 void launch(Mode mode, int world, int grid, int threads, const Params& p, cudaStream_t stream) {
-  if (mode == Mode::kLocal) {  // registers sized to the chunks a thread holds (45-56 on sm_90a)
+  if (mode == Mode::kLocal) {  // registers sized to the chunks a thread holds (38-56 on sm_90a)
     const int per_thread = (p.hidden * static_cast<int>(sizeof(T)) / 16 + threads - 1) / threads;
     if (per_thread <= 1) {
       allreduce_rmsnorm_kernel<T, 1, Mode::kLocal, 1><<<grid, threads, 0, stream>>>(p);
