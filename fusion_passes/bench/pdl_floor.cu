@@ -14,12 +14,21 @@
 //     and one store, L2-warm (the same buffer every call) or rotated through 256 MB (HBM),
 //     without clusters and with clusters of 8 exchanging the CTA sums as above.
 // Results and their reading: docs/benchmarks.md, "Floors of a dependent kernel chain".
+#include <cuda_runtime.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
-#include <algorithm>
-#include <cuda_runtime.h>
-#define CUDA_OK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); exit(1); } } while (0)
+
+#define CUDA_OK(x)                                                     \
+  do {                                                                 \
+    cudaError_t e = (x);                                               \
+    if (e != cudaSuccess) {                                            \
+      printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
+      exit(1);                                                         \
+    }                                                                  \
+  } while (0)
 
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_release() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
@@ -27,7 +36,16 @@ __device__ __forceinline__ void cl_arrive() { asm volatile("barrier.cluster.arri
 __device__ __forceinline__ void cl_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 
 // stride_int4: int4s between the buffers of consecutive calls; rot: how many buffers rotate.
-struct Case { const int4* in; float* out; long stride_int4; int rot; int pdl; int cluster; int loads; int barriers; };
+struct Case {
+  const int4* in;
+  float* out;
+  long stride_int4;
+  int rot;
+  int pdl;
+  int cluster;
+  int loads;
+  int barriers;
+};
 
 __global__ void __launch_bounds__(256) chain_kernel(Case p, int call) {
   __shared__ float red[8];
@@ -43,18 +61,33 @@ __global__ void __launch_bounds__(256) chain_kernel(Case p, int call) {
     for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
     __syncthreads();
-    if (threadIdx.x == 0) { s = 0.f; for (int w = 0; w < 8; ++w) s += red[w]; }
+    if (threadIdx.x == 0) {
+      s = 0.f;
+      for (int w = 0; w < 8; ++w) s += red[w];
+    }
   }
   if (p.cluster > 1) {
-    unsigned rank; asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-    if (p.barriers >= 1) { cl_arrive(); cl_wait(); }  // all started
-    if (p.barriers >= 2 && threadIdx.x == 0) {
-      unsigned a = (unsigned)__cvta_generic_to_shared(&recv[rank]); unsigned r;
-      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(0));
-      asm volatile("st.shared::cluster.f32 [%0], %1;" :: "r"(r), "f"(s) : "memory");
+    unsigned rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    if (p.barriers >= 1) {  // every CTA of the cluster has started
+      cl_arrive();
+      cl_wait();
     }
-    if (p.barriers >= 2) { cl_arrive(); cl_wait(); }
-    if (p.barriers >= 2 && rank == 0 && threadIdx.x == 0) { s = 0.f; for (int i = 0; i < p.cluster; ++i) s += recv[i]; p.out[blockIdx.x] = s; }
+    if (p.barriers >= 2 && threadIdx.x == 0) {
+      unsigned a = (unsigned)__cvta_generic_to_shared(&recv[rank]);
+      unsigned r;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(0));
+      asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(r), "f"(s) : "memory");
+    }
+    if (p.barriers >= 2) {
+      cl_arrive();
+      cl_wait();
+    }
+    if (p.barriers >= 2 && rank == 0 && threadIdx.x == 0) {
+      s = 0.f;
+      for (int i = 0; i < p.cluster; ++i) s += recv[i];
+      p.out[blockIdx.x] = s;
+    }
   } else if (threadIdx.x == 0 && p.loads) {
     p.out[blockIdx.x] = s;
   }
@@ -63,28 +96,65 @@ __global__ void __launch_bounds__(256) chain_kernel(Case p, int call) {
 }
 
 static float run(const char* name, int grid, Case p, int calls, cudaStream_t st) {
-  cudaLaunchAttribute at[2]; int na = 0;
-  if (p.pdl) { at[na].id = cudaLaunchAttributeProgrammaticStreamSerialization; at[na].val.programmaticStreamSerializationAllowed = 1; ++na; }
-  if (p.cluster > 1) { at[na].id = cudaLaunchAttributeClusterDimension; at[na].val.clusterDim.x = p.cluster; at[na].val.clusterDim.y = 1; at[na].val.clusterDim.z = 1; ++na; }
-  cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(grid); cfg.blockDim = dim3(256); cfg.stream = st; cfg.attrs = at; cfg.numAttrs = na;
-  cudaGraph_t g; cudaGraphExec_t ge;
+  cudaLaunchAttribute at[2];
+  int na = 0;
+  if (p.pdl) {
+    at[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[na].val.programmaticStreamSerializationAllowed = 1;
+    ++na;
+  }
+  if (p.cluster > 1) {
+    at[na].id = cudaLaunchAttributeClusterDimension;
+    at[na].val.clusterDim.x = p.cluster;
+    at[na].val.clusterDim.y = 1;
+    at[na].val.clusterDim.z = 1;
+    ++na;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(256);
+  cfg.stream = st;
+  cfg.attrs = at;
+  cfg.numAttrs = na;
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
   CUDA_OK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
   for (int i = 0; i < calls; ++i) CUDA_OK(cudaLaunchKernelEx(&cfg, chain_kernel, p, i));
-  CUDA_OK(cudaStreamEndCapture(st, &g)); CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
-  cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
+  CUDA_OK(cudaStreamEndCapture(st, &g));
+  CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
   for (int i = 0; i < 3; ++i) CUDA_OK(cudaGraphLaunch(ge, st));
   std::vector<float> t;
-  for (int r = 0; r < 15; ++r) { cudaEventRecord(a, st); CUDA_OK(cudaGraphLaunch(ge, st)); cudaEventRecord(b, st); CUDA_OK(cudaEventSynchronize(b)); float ms; cudaEventElapsedTime(&ms, a, b); t.push_back(ms * 1e3f / calls); }
+  for (int r = 0; r < 15; ++r) {
+    cudaEventRecord(a, st);
+    CUDA_OK(cudaGraphLaunch(ge, st));
+    cudaEventRecord(b, st);
+    CUDA_OK(cudaEventSynchronize(b));
+    float ms;
+    cudaEventElapsedTime(&ms, a, b);
+    t.push_back(ms * 1e3f / calls);
+  }
   std::sort(t.begin(), t.end());
-  printf("%-44s grid=%4d cluster=%d barriers=%d pdl=%d loads=%d rot=%4d  %.3f us/call\n", name, grid, p.cluster, p.barriers, p.pdl, p.loads, p.rot, t[t.size() / 2]);
-  cudaGraphExecDestroy(ge); cudaGraphDestroy(g);
+  printf("%-44s grid=%4d cluster=%d barriers=%d pdl=%d loads=%d rot=%4d  %.3f us/call\n", name, grid, p.cluster,
+         p.barriers, p.pdl, p.loads, p.rot, t[t.size() / 2]);
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
   return t[t.size() / 2];
 }
 
 int main() {
-  cudaStream_t st; CUDA_OK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  const long bytes = 256L << 20; int4* in; float* out;
-  CUDA_OK(cudaMalloc(&in, bytes)); CUDA_OK(cudaMemset(in, 0, bytes)); CUDA_OK(cudaMalloc(&out, 1 << 20));
+  cudaStream_t st;
+  CUDA_OK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  const long bytes = 256L << 20;
+  int4* in;
+  float* out;
+  CUDA_OK(cudaMalloc(&in, bytes));
+  CUDA_OK(cudaMemset(in, 0, bytes));
+  CUDA_OK(cudaMalloc(&out, 1 << 20));
   const int calls = 512;
   for (int grid : {1, 64, 128}) {
     run("empty, no PDL", grid, Case{in, out, 0, 1, 0, 1, 0, 0}, calls, st);
@@ -101,7 +171,8 @@ int main() {
     const int rot = (int)std::min<long>(calls, (bytes / 16) / per_call_int4);
     for (int rotv : {1, rot}) {
       run("loads + CTA reduce, PDL", 128, Case{in, out, per_call_int4, rotv, 1, 1, loads, 0}, calls, st);
-      run("loads + CTA reduce + cluster 8 DSMEM, PDL", 128, Case{in, out, per_call_int4, rotv, 1, 8, loads, 2}, calls, st);
+      run("loads + CTA reduce + cluster 8 DSMEM, PDL", 128, Case{in, out, per_call_int4, rotv, 1, 8, loads, 2}, calls,
+          st);
     }
   }
   return 0;
