@@ -307,8 +307,8 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
   // The symmetric modes are latency-bound: h is kept packed in registers (it is rounded to T
   // anyway), and so is a weight of x's dtype, prefetched during the block reduction. kLocal
   // streams many rows: it keeps neither and reads both again after the reduction (h from
-  // residual_out, this thread's own store, an L2 hit; the weight an L1 hit): 53-56 registers
-  // instead of 64 on sm_90a, so more blocks are resident (docs/benchmarks.md, local norm).
+  // residual_out, this thread's own store, an L2 hit; the weight an L1 hit): fewer registers
+  // (64 when it held them), so more blocks are resident (docs/benchmarks.md, local norm).
   constexpr bool kReload = M == Mode::kLocal;
   const bool weight_packed = p.weight_dtype == Elem<T>::kCode;
   for (int row = row_begin; row < row_end; ++row) {
