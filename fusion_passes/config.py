@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-PASS_NAMES = ("slice_before_allreduce", "allreduce_rmsnorm", "router_gemm", "nan_safe_routing")
+PASS_NAMES = ("slice_before_allreduce", "allreduce_rmsnorm", "router_gemm", "nan_safe_routing", "router_routing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +22,7 @@ class PassConfig:
     allreduce_rmsnorm: bool = True
     router_gemm: bool = True
     nan_safe_routing: bool = True
+    router_routing: bool = True
     # Largest expert count (router outputs / routing width) the router and routing
     # passes treat as MoE routing; wider top-k (e.g. a sampler over a vocabulary) is
     # left alone.

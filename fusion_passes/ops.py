@@ -11,6 +11,8 @@ one-time warning.
     router_gemm(x, weight, bias=None, out_dtype=None) -> Tensor
     topk_routing(logits, k, scoring="softmax", renormalize=True,
                  correction_bias=None) -> (weights, ids)
+    router_routing(x, weight, bias, k, <topk_routing's arguments>,
+                   logits_dtype=None) -> (weights, ids)
     fused_allreduce_rmsnorm(x, residual, weight, eps, group_name)
         -> (out, residual_out)
 """
@@ -259,3 +261,71 @@ def _fused_allreduce_rmsnorm_fake(x, residual, weight, eps, group_name):
 router_gemm = torch.ops.fusion_passes.router_gemm.default
 topk_routing = torch.ops.fusion_passes.topk_routing.default
 fused_allreduce_rmsnorm = torch.ops.fusion_passes.fused_allreduce_rmsnorm.default
+
+# ------------------------------------------------------------------- router_routing
+# The router GEMM and the routing of its logits as one op: exactly
+# topk_routing(router_gemm(x, weight, bias, logits_dtype), k, ...). Its CUDA kernel
+# (csrc/router_routing.cu) keeps the logits on chip at decode sizes.
+
+_lib.define(
+    "router_routing(Tensor x, Tensor weight, Tensor? bias, int k, str scoring=\"softmax\", "
+    "bool renormalize=True, Tensor? correction_bias=None, int n_group=1, int topk_group=1, "
+    "str group_score=\"top2_sum\", ScalarType? logits_dtype=None) -> (Tensor weights, Tensor ids)"
+)
+
+
+def check_router_routing_args(
+    x, weight, bias, k, scoring, correction_bias, n_group, topk_group, group_score, logits_dtype
+) -> None:
+    """The checks of the two ops it composes, with their messages."""
+    check_router_gemm_args(x, weight, bias, logits_dtype)
+    logits_like = x.new_empty((0, weight.shape[0]), dtype=logits_dtype or x.dtype)
+    check_topk_routing_args(logits_like, k, scoring, correction_bias, n_group, topk_group, group_score)
+
+
+def router_routing_reference(
+    x,
+    weight,
+    bias,
+    k,
+    scoring="softmax",
+    renormalize=True,
+    correction_bias=None,
+    n_group=1,
+    topk_group=1,
+    group_score="top2_sum",
+    logits_dtype=None,
+):
+    """topk_routing(router_gemm(x, weight, bias, logits_dtype), k, ...): the logits are
+    rounded once to logits_dtype (x's dtype when None) before routing. On a CUDA tensor
+    without the fused kernel loaded, this is the two ops' kernels."""
+    check_router_routing_args(x, weight, bias, k, scoring, correction_bias, n_group, topk_group, group_score, logits_dtype)
+    logits = torch.ops.fusion_passes.router_gemm(x, weight, bias, logits_dtype)
+    return torch.ops.fusion_passes.topk_routing(
+        logits, k, scoring, renormalize, correction_bias, n_group, topk_group, group_score
+    )
+
+
+_lib.impl("router_routing", router_routing_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fusion_passes::router_routing")
+def _router_routing_fake(
+    x,
+    weight,
+    bias,
+    k,
+    scoring="softmax",
+    renormalize=True,
+    correction_bias=None,
+    n_group=1,
+    topk_group=1,
+    group_score="top2_sum",
+    logits_dtype=None,
+):
+    check_router_routing_args(x, weight, bias, k, scoring, correction_bias, n_group, topk_group, group_score, logits_dtype)
+    shape = (x.shape[0], k)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int64)
+
+
+router_routing = torch.ops.fusion_passes.router_routing.default

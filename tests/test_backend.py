@@ -66,7 +66,7 @@ def test_users_own_custom_pass_still_runs(as_list):
 
     class UserPass(torch._inductor.custom_graph_pass.CustomGraphPass):
         def __call__(self, graph):
-            seen.append(sum(1 for n in graph.nodes if n.target is fusion_passes.ops.router_gemm))
+            seen.append(sum(1 for n in graph.nodes if n.target is fusion_passes.ops.router_routing))
 
         def uuid(self):
             return "user-pass-v1"
