@@ -637,7 +637,8 @@ std::string python_repr(const std::string& text) {
 }
 
 void check_topk_routing_args(const at::Tensor& logits, int64_t k, const std::string& scoring,
-                             const std::optional<at::Tensor>& correction_bias) {
+                             const std::optional<at::Tensor>& correction_bias, int64_t n_group, int64_t topk_group,
+                             const std::string& group_score) {
   TORCH_CHECK_VALUE(logits.dim() == 2,
                     std::string("topk_routing: logits must be 2-D [T, E], got shape ") + python_tuple(logits.sizes()));
   TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()),
@@ -657,6 +658,18 @@ void check_topk_routing_args(const at::Tensor& logits, int64_t k, const std::str
                       "topk_routing: correction_bias must be floating point, got " + python_dtype(bias.scalar_type()));
     TORCH_CHECK_VALUE(bias.device() == logits.device(), "topk_routing: correction_bias is on another device than logits");
   }
+  TORCH_CHECK_VALUE(n_group >= 1, "topk_routing: n_group must be >= 1, got n_group=" + std::to_string(n_group));
+  TORCH_CHECK_VALUE(num_experts % n_group == 0, "topk_routing: E must be divisible by n_group, got E=" +
+                                                    std::to_string(num_experts) + ", n_group=" + std::to_string(n_group));
+  TORCH_CHECK_VALUE(1 <= topk_group && topk_group <= n_group,
+                    "topk_routing: need 1 <= topk_group <= n_group, got topk_group=" + std::to_string(topk_group) +
+                        ", n_group=" + std::to_string(n_group));
+  TORCH_CHECK_VALUE(k <= topk_group * (num_experts / n_group),
+                    "topk_routing: need k <= topk_group * E / n_group, got k=" + std::to_string(k) +
+                        ", topk_group=" + std::to_string(topk_group) + ", E=" + std::to_string(num_experts) +
+                        ", n_group=" + std::to_string(n_group));
+  TORCH_CHECK_VALUE(group_score == "top2_sum" || group_score == "max",
+                    "topk_routing: group_score must be one of ('top2_sum', 'max'), got " + python_repr(group_score));
 }
 
 at::Tensor clamp_infinities(const at::Tensor& t) {
@@ -664,11 +677,31 @@ at::Tensor clamp_infinities(const at::Tensor& t) {
   return at::where(at::isinf(x), at::where(x > 0, FLT_MAX, -FLT_MAX), x);
 }
 
+// Step 4 of the reference: [T, E] bool, the experts of each row's topk_group best groups.
+at::Tensor kept_experts(const at::Tensor& score, const at::Tensor& valid, int64_t n_group, int64_t topk_group,
+                        bool group_max) {
+  const int64_t num_rows = score.size(0);
+  const int64_t group_size = score.size(1) / n_group;
+  const at::Tensor grouped = score.masked_fill(at::logical_not(valid), -FLT_MAX).view({num_rows, n_group, group_size});
+  at::Tensor group_scores;
+  if (group_max || group_size == 1) {
+    group_scores = grouped.amax({-1});
+  } else {
+    const at::Tensor top2 = std::get<0>(grouped.topk(2, -1));
+    group_scores = top2.select(-1, 0) + top2.select(-1, 1);
+  }
+  const at::Tensor kept_groups =
+      std::get<1>(group_scores.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true)).narrow(1, 0, topk_group);
+  const at::Tensor kept = at::zeros({num_rows, n_group}, score.options().dtype(at::kBool)).scatter_(1, kept_groups, true);
+  return kept.repeat_interleave(group_size, 1);
+}
+
 // The reference of fusion_passes/ops.py step by step in ATen ops, for inputs outside the
 // kernel's scope (E > 512, k > 32, fp64 or other logit dtypes).
 std::tuple<at::Tensor, at::Tensor> topk_routing_composite(const at::Tensor& logits, int64_t k, bool sigmoid,
                                                           bool renormalize,
-                                                          const std::optional<at::Tensor>& correction_bias) {
+                                                          const std::optional<at::Tensor>& correction_bias,
+                                                          int64_t n_group, int64_t topk_group, bool group_max) {
   const at::Tensor x = clamp_infinities(logits);
   at::Tensor valid = at::logical_not(at::isnan(x));
   at::Tensor prob;
@@ -687,8 +720,12 @@ std::tuple<at::Tensor, at::Tensor> topk_routing_composite(const at::Tensor& logi
     valid = valid.logical_and(at::logical_not(at::isnan(score)));
   }
   const at::Tensor selection_key = score.masked_fill(at::logical_not(valid), -INFINITY);
-  const at::Tensor order =
-      std::get<1>(selection_key.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));
+  at::Tensor order = std::get<1>(selection_key.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));
+  if (n_group > 1) {
+    const at::Tensor dropped =
+        at::logical_not(kept_experts(score, valid, n_group, topk_group, group_max).gather(1, order)).to(at::kByte);
+    order = order.gather(1, std::get<1>(dropped.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/false)));
+  }
   const at::Tensor ids = order.narrow(1, 0, k).contiguous();
   at::Tensor weights = prob.gather(1, ids);
   if (renormalize) {
@@ -700,10 +737,14 @@ std::tuple<at::Tensor, at::Tensor> topk_routing_composite(const at::Tensor& logi
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_routing_cuda(const at::Tensor& logits, int64_t k, c10::string_view scoring_view,
-                                                     bool renormalize, const std::optional<at::Tensor>& correction_bias) {
+                                                     bool renormalize, const std::optional<at::Tensor>& correction_bias,
+                                                     int64_t n_group, int64_t topk_group,
+                                                     c10::string_view group_score_view) {
   const std::string scoring(scoring_view.data(), scoring_view.size());
-  check_topk_routing_args(logits, k, scoring, correction_bias);
+  const std::string group_score(group_score_view.data(), group_score_view.size());
+  check_topk_routing_args(logits, k, scoring, correction_bias, n_group, topk_group, group_score);
   const bool sigmoid = scoring == "sigmoid";
+  const bool group_max = group_score == "max";
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const int64_t num_rows = logits.size(0);
   const int64_t num_experts = logits.size(1);
@@ -713,8 +754,8 @@ std::tuple<at::Tensor, at::Tensor> topk_routing_cuda(const at::Tensor& logits, i
   const at::ScalarType bias_type = correction_bias.has_value() ? correction_bias->scalar_type() : at::kFloat;
   const bool bias_in_scope =
       bias_type == at::kFloat || bias_type == at::kBFloat16 || bias_type == at::kHalf || bias_type == at::kDouble;
-  if (!logits_in_scope || !bias_in_scope || num_experts > kMaxExperts || k > kMaxK) {
-    return topk_routing_composite(logits, k, sigmoid, renormalize, correction_bias);
+  if (!logits_in_scope || !bias_in_scope || num_experts > kMaxExperts || k > kMaxK || n_group > 1) {
+    return topk_routing_composite(logits, k, sigmoid, renormalize, correction_bias, n_group, topk_group, group_max);
   }
 
   at::Tensor weights = at::empty({num_rows, k}, logits.options().dtype(at::kFloat));

@@ -10,7 +10,8 @@ one-time warning.
 
     router_gemm(x, weight, bias=None, out_dtype=None) -> Tensor
     topk_routing(logits, k, scoring="softmax", renormalize=True,
-                 correction_bias=None) -> (weights, ids)
+                 correction_bias=None, n_group=1, topk_group=1,
+                 group_score="top2_sum") -> (weights, ids)
     router_routing(x, weight, bias, k, <topk_routing's arguments>,
                    logits_dtype=None) -> (weights, ids)
     fused_allreduce_rmsnorm(x, residual, weight, eps, group_name)
@@ -32,7 +33,8 @@ _lib.define(
 )
 _lib.define(
     "topk_routing(Tensor logits, int k, str scoring=\"softmax\", bool renormalize=True, "
-    "Tensor? correction_bias=None) -> (Tensor weights, Tensor ids)"
+    "Tensor? correction_bias=None, int n_group=1, int topk_group=1, str group_score=\"top2_sum\") "
+    "-> (Tensor weights, Tensor ids)"
 )
 _lib.define(
     "fused_allreduce_rmsnorm(Tensor x, Tensor? residual, Tensor weight, float eps, "
@@ -41,6 +43,7 @@ _lib.define(
 
 ROUTER_GEMM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORES = ("top2_sum", "max")
 
 
 # --------------------------------------------------------------------------- checks
@@ -76,7 +79,9 @@ def check_router_gemm_args(x, weight, bias, out_dtype) -> None:
     )
 
 
-def check_topk_routing_args(logits, k, scoring, correction_bias) -> None:
+def check_topk_routing_args(
+    logits, k, scoring, correction_bias, n_group=1, topk_group=1, group_score="top2_sum"
+) -> None:
     _check(logits.dim() == 2, f"topk_routing: logits must be 2-D [T, E], got shape {tuple(logits.shape)}")
     _check(logits.dtype.is_floating_point, f"topk_routing: logits must be floating point, got {logits.dtype}")
     num_experts = logits.shape[1]
@@ -93,6 +98,25 @@ def check_topk_routing_args(logits, k, scoring, correction_bias) -> None:
             f"topk_routing: correction_bias must be floating point, got {correction_bias.dtype}",
         )
         _check(correction_bias.device == logits.device, "topk_routing: correction_bias is on another device than logits")
+    _check(n_group >= 1, f"topk_routing: n_group must be >= 1, got n_group={n_group}")
+    _check(
+        num_experts % n_group == 0,
+        f"topk_routing: E must be divisible by n_group, got E={num_experts}, n_group={n_group}",
+    )
+    _check(
+        1 <= topk_group <= n_group,
+        f"topk_routing: need 1 <= topk_group <= n_group, got topk_group={topk_group}, n_group={n_group}",
+    )
+    kept_experts = topk_group * (num_experts // n_group)
+    _check(
+        k <= kept_experts,
+        f"topk_routing: need k <= topk_group * E / n_group, got k={k}, topk_group={topk_group}, "
+        f"E={num_experts}, n_group={n_group}",
+    )
+    _check(
+        group_score in GROUP_SCORES,
+        f"topk_routing: group_score must be one of {GROUP_SCORES}, got {group_score!r}",
+    )
 
 
 def check_fused_allreduce_rmsnorm_args(x, residual, weight) -> None:
@@ -153,8 +177,10 @@ def _clamp_infinities(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(t), torch.where(t > 0, finfo.max, finfo.min), t)
 
 
-def topk_routing_reference(logits, k, scoring="softmax", renormalize=True, correction_bias=None):
-    """NaN-safe top-k routing. The semantics, exactly:
+def topk_routing_reference(
+    logits, k, scoring="softmax", renormalize=True, correction_bias=None, n_group=1, topk_group=1, group_score="top2_sum"
+):
+    """NaN-safe top-k routing, optionally group-limited. The semantics, exactly:
 
     1. x = logits in fp32, +-Inf clamped to +-FLT_MAX. An entry is *valid* when x is not NaN.
     2. p: softmax over the valid entries of the row (invalid entries get p = 0), or
@@ -162,14 +188,22 @@ def topk_routing_reference(logits, k, scoring="softmax", renormalize=True, corre
     3. Selection score: without a correction bias, x itself (softmax and sigmoid are
        monotonic, so this orders exactly like p, and rounding never invents ties);
        with one, p + bias (bias clamped like x). A NaN selection score is invalid.
-    4. ids: the k best entries, valid ones first by descending selection score, ties to
+    4. Groups (n_group > 1): the E experts form n_group groups of E/n_group contiguous
+       experts. A group's score, in fp32, is the sum of its two highest selection scores
+       (group_score="top2_sum"; a group of one expert: that one) or its highest ("max"),
+       where an invalid entry counts as -FLT_MAX: never NaN, possibly -FLT_MAX or -Inf.
+       The topk_group best groups are kept, ties to the lower group index; only their
+       experts are candidates below. n_group=1 keeps every expert.
+    5. ids: the k best candidates, valid ones first by descending selection score, ties to
        the lower index; then invalid ones by index. So every row gets k distinct ids.
-    5. weights = p[ids] (fp32). With renormalize, divided by their sum; a zero sum (e.g. an
+    6. weights = p[ids] (fp32). With renormalize, divided by their sum; a zero sum (e.g. an
        all-NaN row) gives 1/k each.
     """
-    check_topk_routing_args(logits, k, scoring, correction_bias)
+    check_topk_routing_args(logits, k, scoring, correction_bias, n_group, topk_group, group_score)
     if _cuda_kernel_loaded("topk_routing", logits):
-        return torch.ops.fusion_passes.topk_routing(logits, k, scoring, renormalize, correction_bias)
+        return torch.ops.fusion_passes.topk_routing(
+            logits, k, scoring, renormalize, correction_bias, n_group, topk_group, group_score
+        )
     x = _clamp_infinities(logits)
     valid = ~torch.isnan(x)
     if scoring == "softmax":
@@ -188,12 +222,35 @@ def topk_routing_reference(logits, k, scoring="softmax", renormalize=True, corre
     key = score.masked_fill(~valid, float("-inf"))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     # Invalid entries all carry -inf, so the stable sort keeps them in index order too.
+    if n_group > 1:
+        kept = _kept_experts(score, valid, n_group, topk_group, group_score)
+        # A second stable sort moves the experts of dropped groups behind every kept one and
+        # keeps the order above among the kept ones.
+        dropped = (~kept.gather(1, order)).to(torch.uint8)
+        order = order.gather(1, torch.sort(dropped, dim=-1, stable=True).indices)
     ids = order[:, :k].contiguous()
     weights = p.gather(1, ids)
     if renormalize:
         total = weights.sum(dim=-1, keepdim=True)
         weights = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), 1.0 / k)
     return weights, ids
+
+
+def _kept_experts(score, valid, n_group, topk_group, group_score):
+    """[T, E] bool: the experts of each row's topk_group best groups (step 4 above)."""
+    num_rows, num_experts = score.shape
+    finfo = torch.finfo(torch.float32)
+    grouped = score.masked_fill(~valid, finfo.min).view(num_rows, n_group, num_experts // n_group)
+    if group_score == "max" or grouped.shape[-1] == 1:
+        group_scores = grouped.amax(dim=-1)
+    else:
+        top2 = torch.topk(grouped, 2, dim=-1).values  # fp32: a single rounding of the sum
+        group_scores = top2[..., 0] + top2[..., 1]
+    # Group scores are never NaN, so the stable sort's order is total: ties to the lower group.
+    kept_groups = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+    kept = torch.zeros(num_rows, n_group, dtype=torch.bool, device=score.device)
+    kept.scatter_(1, kept_groups, True)
+    return kept.repeat_interleave(num_experts // n_group, dim=1)
 
 
 def resolve_group_size(group_name: str) -> int:
@@ -244,8 +301,10 @@ def _router_gemm_fake(x, weight, bias=None, out_dtype=None):
 
 
 @torch.library.register_fake("fusion_passes::topk_routing")
-def _topk_routing_fake(logits, k, scoring="softmax", renormalize=True, correction_bias=None):
-    check_topk_routing_args(logits, k, scoring, correction_bias)
+def _topk_routing_fake(
+    logits, k, scoring="softmax", renormalize=True, correction_bias=None, n_group=1, topk_group=1, group_score="top2_sum"
+):
+    check_topk_routing_args(logits, k, scoring, correction_bias, n_group, topk_group, group_score)
     shape = (logits.shape[0], k)
     return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int64)
 
@@ -261,6 +320,7 @@ def _fused_allreduce_rmsnorm_fake(x, residual, weight, eps, group_name):
 router_gemm = torch.ops.fusion_passes.router_gemm.default
 topk_routing = torch.ops.fusion_passes.topk_routing.default
 fused_allreduce_rmsnorm = torch.ops.fusion_passes.fused_allreduce_rmsnorm.default
+
 
 # ------------------------------------------------------------------- router_routing
 # The router GEMM and the routing of its logits as one op: exactly
