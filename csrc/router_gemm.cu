@@ -52,8 +52,12 @@
 //   on the stream, or under a chain of PDL launches the ones before that) writes the weight:
 //   true of a parameter, false of a weight cast in the graph just before the router, which
 //   the pass cannot rule out. Hence off by default. x and the bias are always read only
-//   after griddepcontrol.wait. A CTA releases its dependents
-//   (griddepcontrol.launch_dependents) after its last output store.
+//   after griddepcontrol.wait, and every CTA waits before it exits. Every CTA releases its
+//   dependents (griddepcontrol.launch_dependents) at its start, so that the next kernel's
+//   launch and prologue overlap this one (DESIGN.md's PDL contract: a dependent's
+//   griddepcontrol.wait still returns only once this grid has completed and its stores are
+//   visible). fusion_passes::_router_gemm_set_release_at_start(False) moves the release
+//   after the CTA's last output store, as before, for benchmarks.
 //
 // Dispatch (router_gemm_cuda)
 //   The kernel runs for bf16/fp16 inputs, any of bf16/fp16/fp32 output, E <= 512, H a
@@ -101,6 +105,8 @@ std::atomic<int64_t> g_max_tokens{-1};  // -1: the automatic choice; else the la
 std::atomic<bool> g_weight_loads_before_wait{false};
 std::atomic<int> g_forced_m_tiles{0};  // 0: choose the tile shape from T
 std::atomic<int> g_forced_n_tiles{0};
+std::atomic<bool> g_release_at_start{true};
+std::atomic<int> g_ctas_per_sm{1};  // the automatic tile choice keeps the grid within this many CTAs an SM
 
 enum class OutKind : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
@@ -122,6 +128,7 @@ struct RouterGemmParams {
   int cluster_shift;  // cluster_k = 1 << cluster_shift
   OutKind out_kind;
   bool weight_loads_before_wait;  // the weight is not written by a kernel that may still run
+  bool release_at_start;          // launch_dependents at the CTA's start, else after its last store
 };
 
 // ------------------------------------------------------------------ device helpers
@@ -281,6 +288,8 @@ __global__ void __launch_bounds__(kThreads, 2) router_gemm_kernel(const RouterGe
   const int quad = lane % 4;   // which 8 of the step's 32 k values this lane loads
   const int expert_base = blockIdx.y * Shape::kExperts;
   const int token_base = blockIdx.z * Shape::kTokens;
+
+  if (p.release_at_start) release_dependent_grids();
 
   // First half of a cluster barrier: this CTA runs. Its wait, just before the CTAs store
   // into each other's shared memory, makes sure every CTA of the cluster has started.
@@ -472,8 +481,10 @@ __global__ void __launch_bounds__(kThreads, 2) router_gemm_kernel(const RouterGe
       }
     }
   }
-  __syncthreads();  // the CTA's last output store precedes its release of the dependents
-  release_dependent_grids();
+  if (!p.release_at_start) {
+    __syncthreads();  // the CTA's last output store precedes its release of the dependents
+    release_dependent_grids();
+  }
 }
 
 // ----------------------------------------------------------------------------- host
@@ -563,7 +574,8 @@ int multiprocessor_count(int device) {
 }
 
 // Tile shape (forced shapes aside): the smallest tile that holds up to 16 tokens and
-// whose grid still fits in one CTA an SM. Small tiles spread the weight read over more
+// whose grid still fits in one CTA an SM (ctas_per_sm CTAs an SM under
+// _router_gemm_set_ctas_per_sm, a benchmark variant; the kernel fits two an SM). Small tiles spread the weight read over more
 // CTAs; but two T tiles read the same weight concurrently (1x2 beat 1x1 by 7-12% at T = 16,
 // E = 128), and once there are more CTAs than SMs, larger tiles win because x and the
 // weight are re-read from L2 fewer times.
@@ -575,7 +587,7 @@ TileShape choose_tiles(int64_t tokens, int64_t experts, int cluster_k, int sms) 
     if (8 * s.n_tiles < std::min<int64_t>(tokens, 16)) continue;
     const int64_t ctas = cluster_k * ((experts + 16 * s.m_tiles - 1) / (16 * s.m_tiles)) *
                          ((tokens + 8 * s.n_tiles - 1) / (8 * s.n_tiles));
-    if (ctas <= sms) return s;
+    if (ctas <= static_cast<int64_t>(sms) * g_ctas_per_sm.load(std::memory_order_relaxed)) return s;
   }
   return kTileShapes[std::size(kTileShapes) - 1];
 }
@@ -701,6 +713,7 @@ at::Tensor router_gemm_cuda(const at::Tensor& x, const at::Tensor& weight, const
   p.long_parts = k_steps % parts;
   p.out_kind = out_kind(dtype);
   p.weight_loads_before_wait = g_weight_loads_before_wait.load(std::memory_order_relaxed);
+  p.release_at_start = g_release_at_start.load(std::memory_order_relaxed);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (x.scalar_type() == at::kBFloat16) {
@@ -739,6 +752,18 @@ void set_tiles(int64_t m_tiles, int64_t n_tiles) {
                     "; the shapes are 1x1, 1x2, 2x4, 2x8, or -1 -1 for automatic");
   g_forced_n_tiles.store(static_cast<int>(n_tiles));
   g_forced_m_tiles.store(static_cast<int>(m_tiles));
+}
+
+// Benchmark variants. Where a CTA releases its dependents: at its start (default) or after
+// its last output store. Either is correct (the dependents' griddepcontrol.wait orders them).
+void set_release_at_start(bool enabled) { g_release_at_start.store(enabled); }
+
+// How many CTAs an SM the automatic tile choice may fill (1, default, or 2): with 2,
+// T = 32-128 get the smaller tiles (more CTAs share the weight read, two resident an SM).
+// Tiles never change the result's bits.
+void set_ctas_per_sm(int64_t ctas) {
+  TORCH_CHECK_VALUE(ctas == 1 || ctas == 2, "router_gemm: ctas_per_sm must be 1 or 2, got ", std::to_string(ctas));
+  g_ctas_per_sm.store(static_cast<int>(ctas));
 }
 
 
@@ -865,6 +890,8 @@ TORCH_LIBRARY_FRAGMENT(fusion_passes, m) {
   m.def("_router_gemm_kernel_max_tokens(int hidden, int experts) -> int", &kernel_max_tokens);
   m.def("_router_gemm_set_tiles(int m_tiles, int n_tiles) -> ()", &set_tiles);
   m.def("_router_gemm_set_weight_loads_before_wait(bool enabled) -> ()", &set_weight_loads_before_wait);
+  m.def("_router_gemm_set_release_at_start(bool enabled) -> ()", &set_release_at_start);
+  m.def("_router_gemm_set_ctas_per_sm(int ctas) -> ()", &set_ctas_per_sm);
 }
 
 // Test-only ops (tests/test_router_gemm_cuda.py): PDL neighbours for the router GEMM.

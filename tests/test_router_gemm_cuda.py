@@ -120,6 +120,8 @@ def _restore_settings():
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = fp16_rr
     OPS._router_gemm_set_max_tokens(-1)
     OPS._router_gemm_set_tiles(-1, -1)
+    OPS._router_gemm_set_release_at_start(True)
+    OPS._router_gemm_set_ctas_per_sm(1)
 
 
 # ------------------------------------------------------------------------ accuracy
@@ -267,8 +269,14 @@ def _side_load(stream, big_src, big_dst, mat):
             torch.mm(mat, mat)
 
 
+# (H, E, T): the three small model shapes at decode and past the one-wave tiles, 7168x256.
+CHAIN_CASES = [(2880, 128, 64), (2880, 32, 1), (2048, 128, 16), (7168, 256, 8)]
+
+
+@pytest.mark.parametrize("release", ["at_start", "after_last_store"])
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=lambda c: f"H{c[0]}xE{c[1]}xT{c[2]}")
 @pytest.mark.parametrize("neighbours", ["pdl", "torch"])
-def test_chain_in_graph_under_memory_pressure(neighbours):
+def test_chain_in_graph_under_memory_pressure(neighbours, case, release):
     """producer -> router GEMM -> consumer, captured in one CUDA graph and replayed 10,000
     times while another stream copies gigabytes and multiplies large matrices. The producer
     cycles x through a few variants; the consumer compares the logits bitwise with the
@@ -276,10 +284,13 @@ def test_chain_in_graph_under_memory_pressure(neighbours):
 
     "pdl": the test-only PDL producer (releases its dependents at once, writes x after a
     delay) and consumer (waits, then reads), so a router GEMM that read x before its
-    griddepcontrol.wait, or released its dependents before its stores, gets caught.
-    "torch": plain torch kernels as neighbours."""
-    hidden, experts, variants_n, replays = 2880, 128, 3, 10_000
-    tokens = min(64, OPS._router_gemm_kernel_max_tokens(hidden, experts))
+    griddepcontrol.wait, or whose dependents could read its output before its stores land
+    (it releases them at its start by default), gets caught. "torch": plain torch kernels
+    as neighbours."""
+    hidden, experts, tokens = case
+    variants_n, replays = 3, 10_000
+    tokens = min(tokens, OPS._router_gemm_kernel_max_tokens(hidden, experts))
+    OPS._router_gemm_set_release_at_start(release == "at_start")
     seed = _seed()
     gen = torch.Generator(device="cuda").manual_seed(seed)
     variants = torch.randn(variants_n, tokens, hidden, generator=gen, device="cuda").to(torch.bfloat16)
