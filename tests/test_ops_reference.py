@@ -263,7 +263,9 @@ def _sigmoid(v: float) -> float:
     return e / (1.0 + e)
 
 
-def routing_float64(logits, k, scoring="softmax", renormalize=True, correction_bias=None):
+def routing_float64(
+    logits, k, scoring="softmax", renormalize=True, correction_bias=None, n_group=1, topk_group=1, group_score="top2_sum"
+):
     """The contract, one row at a time, in float64 Python.
 
     x = logits in fp32 with +-Inf -> +-FLT_MAX; NaN entries are invalid. p is the softmax
@@ -271,6 +273,9 @@ def routing_float64(logits, k, scoring="softmax", renormalize=True, correction_b
     the valid entries by descending selection score (x, or fp32(p + bias) with a
     correction bias; a NaN score is invalid), ties to the lower index, then the invalid
     entries by index. weights = p[ids], renormalized to sum 1 (1/k each if the sum is 0).
+    With groups, only the experts of the topk_group best groups are ranked: a group scores
+    fp32(top1 + top2) (or its top1; a one-expert group its only score) of its selection
+    scores, invalid ones counting -FLT_MAX; ties go to the lower group.
     Returns (weights float64 [T, k], ids int64 [T, k]).
     """
     bias = None if correction_bias is None else [_clamp(b) for b in correction_bias.float().tolist()]
@@ -295,8 +300,15 @@ def routing_float64(logits, k, scoring="softmax", renormalize=True, correction_b
         else:
             score = [_clamp(to_f32(pi + bi)) for pi, bi in zip(p, bias)]
             valid = [ok and not math.isnan(s) for ok, s in zip(valid, score)]
-        ranked = sorted((i for i in range(E) if valid[i]), key=lambda i: (-score[i], i))
-        ranked += [i for i in range(E) if not valid[i]]
+        size = E // n_group
+        group_scores = []
+        for g in range(n_group):
+            members = sorted((score[i] if valid[i] else -FLT_MAX for i in range(g * size, (g + 1) * size)), reverse=True)
+            group_scores.append(members[0] if group_score == "max" or size == 1 else to_f32(members[0] + members[1]))
+        kept_groups = sorted(range(n_group), key=lambda g: (-group_scores[g], g))[:topk_group]
+        candidates = [i for i in range(E) if i // size in kept_groups]
+        ranked = sorted((i for i in candidates if valid[i]), key=lambda i: (-score[i], i))
+        ranked += [i for i in candidates if not valid[i]]
         ids = ranked[:k]
         weights = [p[i] for i in ids]
         if renormalize:
@@ -327,11 +339,11 @@ def assert_routing_invariants(weights, ids, T, k, E, renormalize):
         torch.testing.assert_close(weights.double().sum(-1), torch.ones(T, dtype=torch.float64), rtol=0, atol=1e-5)
 
 
-def check_routing(logits, k, scoring="softmax", renormalize=True, correction_bias=None):
-    weights, ids = topk_routing(logits, k, scoring, renormalize, correction_bias)
+def check_routing(logits, k, scoring="softmax", renormalize=True, correction_bias=None, *group_args):
+    weights, ids = topk_routing(logits, k, scoring, renormalize, correction_bias, *group_args)
     T, E = logits.shape
     assert_routing_invariants(weights, ids, T, k, E, renormalize)
-    expected_weights, expected_ids = routing_float64(logits, k, scoring, renormalize, correction_bias)
+    expected_weights, expected_ids = routing_float64(logits, k, scoring, renormalize, correction_bias, *group_args)
     assert ids.tolist() == expected_ids.tolist(), f"ids {ids.tolist()} != expected {expected_ids.tolist()}"
     # p is computed in fp32 (exp, a length-E sum, a division; then the renormalizing
     # division): a few fp32 roundings, so a relative tolerance of a few 1e-6.
@@ -575,6 +587,163 @@ class TestTopkRoutingSpecialValues:
         assert weights.tolist() == [[1.0, 0.0]]
 
 
+def deepseek_v3_problem(T, gen):
+    """DeepSeek-V3's routing shape: E=256 in 8 groups, 4 kept, top-8, sigmoid + correction bias."""
+    logits = torch.randn(T, 256, generator=gen) * 2
+    bias = torch.randn(256, generator=gen) * 0.05
+    return logits, 8, "sigmoid", True, bias, 8, 4, "top2_sum"
+
+
+class TestTopkRoutingGroups:
+    """Group-limited selection (DeepSeek-V3; "max": DeepSeek-V2's group-limited greedy)."""
+
+    def test_deepseek_v3_shape_against_float64(self):
+        g = torch.Generator().manual_seed(3)
+        logits, *args = deepseek_v3_problem(16, g)
+        logits[3, :40] = NAN
+        logits[5, 100] = INF
+        logits[6, 7] = -INF
+        _, ids = check_routing(logits, *args)
+        assert bool(((ids // 32).unsqueeze(-1) == (ids // 32).unsqueeze(-2)).sum(-1).le(8).all())
+
+    def test_deepseek_v3_kept_groups_by_hand(self):
+        # Group g (32 experts) holds one clear winner 10 + g and a runner-up; the top-2 sums
+        # rank the groups 5 > 2 > 7 > 0 > others, whatever the single best experts say.
+        logits = torch.full((1, 256), -5.0)
+        top1 = {0: 4.0, 1: 9.0, 2: 5.0, 3: 1.0, 4: 1.0, 5: 6.0, 6: 1.0, 7: 4.5}
+        top2 = {0: 3.5, 1: -4.0, 2: 4.5, 3: 1.0, 4: 0.5, 5: 5.5, 6: 0.0, 7: 4.0}
+        for g in range(8):
+            logits[0, 32 * g + 3] = top1[g]
+            logits[0, 32 * g + 17] = top2[g]
+        weights, ids = check_routing(logits, 8, "sigmoid", True, None, 8, 4, "top2_sum")
+        # Kept groups 5, 2, 7, 0; ids by descending logit, the -5.0 fillers by index.
+        assert ids.tolist() == [[163, 177, 67, 81, 227, 3, 241, 17]]
+        assert 35 not in ids.tolist()[0]  # group 1's 9.0 is dropped with its group
+        torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+
+    def test_max_group_score_keeps_the_groups_of_the_best_experts(self):
+        logits = torch.full((1, 256), -5.0)
+        for g, (a, b) in enumerate([(4.0, 3.5), (9.0, -4.0), (5.0, 4.5), (1.0, 1.0)] * 2):
+            logits[0, 32 * g + 3] = a - 0.01 * g
+            logits[0, 32 * g + 17] = b - 0.01 * g
+        _, ids = check_routing(logits, 4, "softmax", True, None, 8, 2, "max")
+        # Groups 1 and 5 (best 9.0, 8.96) are kept: their runners-up at -4 beat group 2's 5.0.
+        assert ids.tolist() == [[35, 163, 49, 177]]
+
+    @pytest.mark.parametrize("num_experts", [160, 384])
+    @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+    def test_one_group_is_the_ungrouped_op(self, num_experts, scoring):
+        g = torch.Generator().manual_seed(num_experts)
+        logits = torch.randn(8, num_experts, generator=g)
+        logits[2, ::3] = NAN
+        bias = torch.randn(num_experts, generator=g) * 0.1
+        for group_score in ("top2_sum", "max"):
+            weights, ids = check_routing(logits, 8, scoring, True, bias, 1, 1, group_score)
+            plain_weights, plain_ids = topk_routing(logits, 8, scoring, True, bias)
+            assert torch.equal(ids, plain_ids) and torch.equal(weights, plain_weights)
+
+    def test_group_ties_go_to_the_lower_group(self):
+        # Groups 1 and 3 tie on top-2 sum (3 + 1 = 2 + 2); group 1 is kept.
+        logits = row(0.0, 0.0, 3.0, 1.0, 0.0, 0.0, 2.0, 2.0)
+        _, ids = check_routing(logits, 2, "softmax", True, None, 4, 1)
+        assert ids.tolist() == [[2, 3]]
+        _, ids = check_routing(row(1.0, 1.0, 1.0, 1.0, 1.0, 1.0), 3, "sigmoid", True, None, 3, 2)
+        assert ids.tolist() == [[0, 1, 2]]
+
+    def test_a_nan_member_counts_as_minus_flt_max(self):
+        # Group 0 = {NaN, 9}: 9 - FLT_MAX rounds to -FLT_MAX, below group 1's 0 + 0.
+        _, ids = check_routing(row(NAN, 9.0, 0.0, 0.0), 2, "softmax", False, None, 2, 1)
+        assert ids.tolist() == [[2, 3]]
+        # With "max" group 0 scores 9 and is kept; its NaN member comes last, by index.
+        _, ids = check_routing(row(NAN, 9.0, 0.0, 0.0), 2, "softmax", False, None, 2, 1, "max")
+        assert ids.tolist() == [[1, 0]]
+
+    def test_all_nan_group_ranks_last_and_ties_with_an_overflowing_group(self):
+        # Group 0 all NaN: -FLT_MAX + -FLT_MAX = -Inf. Group 1 = {-Inf, -Inf} logits clamp to
+        # -FLT_MAX each, valid, and its sum is -Inf too: a tie, so group 0 is kept.
+        logits = row(NAN, NAN, -INF, -INF, 1.0, NAN)
+        _, ids = check_routing(logits, 3, "sigmoid", True, None, 3, 2)
+        # Groups 2 (1 - FLT_MAX = -FLT_MAX) and 0; the kept invalid experts 0, 1, 5 by index.
+        assert ids.tolist() == [[4, 0, 1]]
+        _, ids = check_routing(row(NAN, NAN, -INF, -INF), 2, "sigmoid", True, None, 2, 1)
+        assert ids.tolist() == [[0, 1]]
+
+    @pytest.mark.parametrize("group_score", ["top2_sum", "max"])
+    @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+    @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+    def test_all_nan_row_keeps_the_first_groups(self, group_score, scoring, dtype):
+        logits = torch.full((2, 64), NAN, dtype=dtype)
+        weights, ids = check_routing(logits, 8, scoring, True, torch.zeros(64), 8, 4, group_score)
+        assert ids.tolist() == [list(range(8))] * 2
+        assert weights.tolist() == [[0.125] * 8] * 2
+
+    def test_positive_infinities_overflow_a_group_score_to_inf(self):
+        # Group 1 = {+Inf, +Inf}: FLT_MAX + FLT_MAX = +Inf, above group 0's FLT_MAX + 0.
+        logits = row(INF, 0.0, INF, INF, 5.0, 5.0)
+        _, ids = check_routing(logits, 2, "softmax", True, None, 3, 1)
+        assert ids.tolist() == [[2, 3]]
+
+    def test_single_expert_groups_score_their_only_expert(self):
+        logits = row(1.0, NAN, 3.0, -INF, 2.0)
+        for group_score in ("top2_sum", "max"):
+            _, ids = check_routing(logits, 3, "sigmoid", True, None, 5, 3, group_score)
+            assert ids.tolist() == [[2, 4, 0]]
+
+    @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+    def test_k_equal_to_the_kept_experts_takes_all_of_them(self, scoring):
+        g = torch.Generator().manual_seed(7)
+        logits = torch.randn(4, 32, generator=g)
+        logits[1, 8:12] = NAN
+        _, ids = check_routing(logits, 12, scoring, True, torch.randn(32, generator=g) * 0.1, 8, 3)
+        groups = (ids // 4).sort(-1).values
+        assert bool((groups[:, ::4] == groups[:, 3::4]).all())  # three whole groups
+
+    def test_correction_bias_chooses_the_groups(self):
+        # Same logits; the bias of experts 2, 3 lifts group 1 above group 0.
+        logits = row(2.0, 2.0, 0.0, 0.0)
+        _, ids = check_routing(logits, 2, "sigmoid", False, torch.tensor([0.0, 0.0, 1.0, 1.0]), 2, 1)
+        assert ids.tolist() == [[2, 3]]
+
+    @pytest.mark.parametrize("group_score", ["top2_sum", "max"])
+    @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+    def test_opcheck(self, group_score, with_bias):
+        g = torch.Generator().manual_seed(1)
+        logits = torch.randn(5, 32, generator=g)
+        bias = torch.randn(32, generator=g) if with_bias else None
+        torch.library.opcheck(topk_routing, (logits, 4, "sigmoid", True, bias, 8, 3, group_score))
+
+    def test_opcheck_zero_tokens(self):
+        torch.library.opcheck(topk_routing, (torch.randn(0, 16), 2, "softmax", True, None, 4, 2, "max"))
+
+
+GROUP_BAD_INPUTS = {
+    "n_group_zero": ((2, 0, 1, "top2_sum"), r"n_group must be >= 1, got n_group=0"),
+    "E_not_divisible": ((2, 3, 1, "top2_sum"), r"E must be divisible by n_group, got E=8, n_group=3"),
+    "topk_group_zero": ((2, 4, 0, "top2_sum"), r"need 1 <= topk_group <= n_group, got topk_group=0, n_group=4"),
+    "topk_group_above_n_group": ((2, 4, 5, "top2_sum"), r"need 1 <= topk_group <= n_group, got topk_group=5"),
+    "k_above_kept_experts": ((5, 4, 2, "top2_sum"), r"need k <= topk_group \* E / n_group, got k=5, topk_group=2"),
+    "unknown_group_score": ((2, 4, 2, "sum"), r"group_score must be one of \('top2_sum', 'max'\), got 'sum'"),
+}
+
+
+class TestTopkRoutingGroupBadInputs:
+    @pytest.mark.parametrize("case", list(GROUP_BAD_INPUTS))
+    def test_value_error_names_the_argument(self, case):
+        (k, n_group, topk_group, group_score), message = GROUP_BAD_INPUTS[case]
+        with pytest.raises(ValueError, match=r"topk_routing: " + message):
+            topk_routing(torch.randn(2, 8), k, "softmax", True, None, n_group, topk_group, group_score)
+
+    @pytest.mark.parametrize("case", list(GROUP_BAD_INPUTS))
+    def test_fake_implementation_rejects_the_same_inputs(self, case):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        (k, n_group, topk_group, group_score), message = GROUP_BAD_INPUTS[case]
+        with FakeTensorMode():
+            logits = torch.randn(2, 8)
+            with pytest.raises(ValueError, match=message):
+                topk_routing(logits, k, "softmax", True, None, n_group, topk_group, group_score)
+
+
 _special = st.sampled_from([NAN, INF, -INF, 0.0, 1.0, -1.0, 1e30, -1e30, FLT_MAX])
 _finite = st.floats(-40.0, 40.0, width=32)
 
@@ -583,7 +752,10 @@ _finite = st.floats(-40.0, 40.0, width=32)
 def routing_problems(draw):
     E = draw(st.integers(1, 12))
     T = draw(st.integers(0, 4))
-    k = draw(st.integers(1, E))
+    n_group = draw(st.sampled_from([d for d in range(1, E + 1) if E % d == 0]))
+    topk_group = draw(st.integers(1, n_group))
+    group_score = draw(st.sampled_from(["top2_sum", "max"]))
+    k = draw(st.integers(1, topk_group * E // n_group))
     values = draw(st.lists(st.one_of(_finite, _special), min_size=T * E, max_size=T * E))
     dtype = draw(st.sampled_from(FLOAT_DTYPES))
     logits = torch.tensor(values, dtype=torch.float32).reshape(T, E).to(dtype)
@@ -592,21 +764,21 @@ def routing_problems(draw):
     bias = None
     if draw(st.booleans()):
         bias = torch.tensor(draw(st.lists(st.one_of(_finite, _special), min_size=E, max_size=E)))
-    return logits, k, scoring, renormalize, bias
+    return logits, k, scoring, renormalize, bias, (n_group, topk_group, group_score)
 
 
 class TestTopkRoutingProperties:
     @settings(max_examples=150, deadline=None, derandomize=True, database=None)
     @given(routing_problems())
     def test_every_row_gets_k_distinct_ids_and_sane_weights(self, problem):
-        logits, k, scoring, renormalize, bias = problem
-        weights, ids = topk_routing(logits, k, scoring, renormalize, bias)
+        logits, k, scoring, renormalize, bias, group_args = problem
+        weights, ids = topk_routing(logits, k, scoring, renormalize, bias, *group_args)
         T, E = logits.shape
         assert_routing_invariants(weights, ids, T, k, E, renormalize)
         if bias is None:
             # Without a bias the selection score is x itself: ids are exact, whatever NaN,
             # Inf or ties the row holds.
-            expected_weights, expected_ids = routing_float64(logits, k, scoring, renormalize, None)
+            expected_weights, expected_ids = routing_float64(logits, k, scoring, renormalize, None, *group_args)
             assert ids.tolist() == expected_ids.tolist()
             torch.testing.assert_close(weights.double(), expected_weights, rtol=1e-5, atol=1e-7)
 
