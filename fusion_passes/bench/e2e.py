@@ -18,6 +18,11 @@ compiled and captured alone: what the passes replace) is timed three ways: 20 ca
 and how many there are; and inside the whole step's profile, per layer
 (``in_step_router_routing_us``).
 
+``--inductor-pdl`` compiles both backends with Inductor's programmatic dependent launch on
+(``torch._inductor.config.triton.enable_pdl``, the ``TORCHINDUCTOR_ENABLE_PDL=1`` setting),
+so Inductor's Triton kernels may overlap their neighbours, ours included (issue 15 part 3:
+measure it before it becomes a PassConfig field).
+
 ``--device cpu`` runs the same code eagerly-timed on tiny shapes: a smoke test of
 this script, not a benchmark.
 """
@@ -32,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._inductor import config as inductor_config
 
 import fusion_passes
 from fusion_passes.bench._timing import graph_times_us, profiled_kernels_per_call
@@ -222,6 +228,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="write results.json and e2e.png here")
     parser.add_argument("--replot", default=None, help="only redraw e2e.png from DIR/results.json")
+    parser.add_argument(
+        "--inductor-pdl",
+        action="store_true",
+        help="compile both backends with torch._inductor.config.triton.enable_pdl on (TORCHINDUCTOR_ENABLE_PDL=1)",
+    )
     args = parser.parse_args(argv)
     if args.replot:
         plot(json.loads((Path(args.replot) / "results.json").read_text()), Path(args.replot) / "e2e.png")
@@ -232,6 +243,8 @@ def main(argv: list[str]) -> int:
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {sorted(configs)}")
     tokens = [int(t) for t in args.tokens.split(",")]
+    if args.inductor_pdl:
+        inductor_config.triton.enable_pdl = True
     rows = []
     for model_name in args.models.split(","):
         rows += measure(configs[model_name], args.layers, tokens, args.device, args.replays)
@@ -239,7 +252,12 @@ def main(argv: list[str]) -> int:
         rows += measure(_gpt_oss("bench-gpt-oss-20b-layer", 32), 1, tokens, args.device, args.replays)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+        meta = {
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "replays": args.replays,
+            "inductor_pdl": bool(inductor_config.triton.enable_pdl),
+        }
         results = {"meta": meta, "rows": rows}
         (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
         try:
@@ -257,8 +275,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (steps, routers) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for model in dict.fromkeys(row["model"] for row in results["rows"]):
-        rows = [row for row in results["rows"] if row["model"] == model]
+    for model_id in dict.fromkeys(row["model"] for row in results["rows"]):
+        rows = [row for row in results["rows"] if row["model"] == model_id]
+        model = model_id.removeprefix("bench-").removeprefix("smoke-")  # the names --models takes
         tokens = [row["T"] for row in rows]
         steps.plot(tokens, [row["step_speedup"] for row in rows], marker="o", label=model)
         line = routers.plot(tokens, [row["router_routing_speedup"] for row in rows], marker="o", label=f"{model}, chain")
@@ -279,6 +298,11 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"fusion_passes vs stock Inductor, CUDA-graph replay, {results['meta']['device']}")
+    meta = results["meta"]
+    pdl = ", Inductor PDL on" if meta.get("inductor_pdl") else ""
+    fig.suptitle(
+        f"fusion_passes vs stock Inductor on {meta['device']} (torch {meta['torch']}{pdl}): bf16 decode, "
+        f"median of {meta.get('replays', '?')} CUDA-graph replays; above 1 = faster"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)

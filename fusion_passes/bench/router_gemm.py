@@ -10,6 +10,15 @@ Per (H x E shape, T) it times, in CUDA-graph replay:
 * with ``--l2-warm``, ``ours`` and ``cublas`` again with one weight and x for every call
   (no rotation, so they stay in L2: a separate, clearly labelled column).
 
+With ``--routing``, a second table in the acceptance method of issue 15 (one weight, 4
+rotating inputs, 50 calls per CUDA graph, median of 20 replays), every column of a row in
+the same run: the router GEMM (as shipped, and the kernel variants: release of the
+dependents after the last store instead of at the start, tiles filling 2 CTAs an SM, weight
+loads before griddepcontrol.wait), cuBLAS, and the router + routing of the shape's model:
+``fusion_passes::router_routing``, our two ops one after the other, and stock Inductor's
+compiled F.linear + routing (softmax top-k for the gpt-oss/Qwen shapes, DeepSeek-V3's
+grouped sigmoid top-8 for 7168x256). Writes ``router_routing.json``.
+
 Each graph holds many back-to-back calls; the calls rotate over enough copies of the
 weight and x that the whole rotation is at least twice the L2 cache, so each call reads
 its weight from HBM as the router of a decode step does. The time per call is the median
@@ -37,6 +46,24 @@ HBM_BYTES_PER_S = 3.0e12  # H100 SXM, device-to-device copy measured on the lent
 TILE_SHAPES = [(1, 1), (1, 2), (2, 4), (2, 8)]
 ALL_TOKENS_TO_KERNEL = 1 << 30
 MAX_CALLS_PER_GRAPH = 1024
+# The acceptance method: one weight, ROTATING_INPUTS inputs in turn, CALLS_PER_GRAPH calls a
+# graph, the median of REPLAYS replays.
+ROTATING_INPUTS, CALLS_PER_GRAPH, REPLAYS = 4, 50, 20
+# (H, E) -> the model's routing: (k, scoring, renormalize, correction bias, n_group, topk_group, router bias)
+MODEL_ROUTING = {
+    (2880, 32): (4, "softmax", True, False, 1, 1, True),  # gpt-oss-20b
+    (2880, 128): (4, "softmax", True, False, 1, 1, True),  # gpt-oss-120b
+    (2048, 128): (8, "softmax", True, False, 1, 1, False),  # Qwen3-30B-A3B
+    (7168, 256): (8, "sigmoid", True, True, 8, 4, False),  # DeepSeek-V3
+}
+MODEL_NAMES = {(2880, 32): "gpt-oss-20b", (2880, 128): "gpt-oss-120b", (2048, 128): "Qwen3-30B-A3B", (7168, 256): "DeepSeek-V3"}
+# Router GEMM kernel variants: (release at start, ctas per SM, weight loads before wait).
+GEMM_VARIANTS = {
+    "ours": (True, 1, False),
+    "release_after_store": (False, 1, False),
+    "two_ctas_per_sm": (True, 2, False),
+    "early_weight_loads": (True, 1, True),
+}
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -153,11 +180,96 @@ def _bench_point(hidden, experts, tokens, dtype, out_dtype, with_bias, rotate_by
     return result
 
 
+def stock_router_routing(x, weight, bias, correction_bias, k, scoring, n_group, topk_group):
+    """The router + routing as the Hugging Face models write it (what stock Inductor compiles)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = F.linear(x, weight, bias)
+    if scoring == "softmax":
+        values, ids = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
+        return values / values.sum(dim=-1, keepdim=True), ids
+    scores = logits.float().sigmoid()
+    choice = scores + correction_bias
+    tokens = choice.shape[0]
+    group_scores = choice.view(tokens, n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+    kept = torch.zeros_like(group_scores).scatter_(1, torch.topk(group_scores, topk_group, dim=-1).indices, 1.0)
+    mask = kept.unsqueeze(-1).expand(tokens, n_group, choice.shape[1] // n_group).reshape(tokens, -1)
+    ids = torch.topk(choice.masked_fill(mask == 0, 0.0), k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, ids)
+    return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), ids
+
+
+def _routing_point(hidden, experts, tokens, dtype, stock) -> dict:
+    """One row of the acceptance-method table (see the module docstring)."""
+    import itertools
+
+    import torch
+    import torch.nn.functional as F
+
+    from ._timing import graph_times_us
+
+    ops = torch.ops.fusion_passes
+    k, scoring, renormalize, with_correction, n_group, topk_group, with_bias = MODEL_ROUTING[(hidden, experts)]
+    gen = torch.Generator(device="cuda").manual_seed(tokens * 131 + hidden + experts)
+    xs = [torch.randn(tokens, hidden, generator=gen, device="cuda").to(dtype) for _ in range(ROTATING_INPUTS)]
+    w = (torch.randn(experts, hidden, generator=gen, device="cuda") * 0.05).to(dtype)
+    b = torch.randn(experts, generator=gen, device="cuda").to(dtype) if with_bias else None
+    c = torch.randn(experts, generator=gen, device="cuda") * 0.1 if with_correction else None
+    turn = itertools.count()
+
+    def x():
+        return xs[next(turn) % ROTATING_INPUTS]
+
+    def gemm_variant(release_at_start, ctas_per_sm, early_loads):
+        def call():
+            # Host-side settings, read when the kernel is launched (so when it is captured).
+            ops._router_gemm_set_release_at_start(release_at_start)
+            ops._router_gemm_set_ctas_per_sm(ctas_per_sm)
+            ops._router_gemm_set_weight_loads_before_wait(early_loads)
+            ops.router_gemm(x(), w, b, None)
+
+        return call
+
+    routing_args = (k, scoring, renormalize, c, n_group, topk_group, "top2_sum")
+    fns = {name: gemm_variant(*variant) for name, variant in GEMM_VARIANTS.items()}
+    fns["cublas"] = lambda: F.linear(x(), w, b)
+    fns["fused"] = lambda: ops.router_routing(x(), w, b, *routing_args, None)
+    fns["two_ops"] = lambda: ops.topk_routing(ops.router_gemm(x(), w, b, None), *routing_args)
+    fns["inductor"] = lambda: stock(x(), w, b, c, k, scoring, n_group, topk_group)
+    try:
+        times = graph_times_us(fns, CALLS_PER_GRAPH, replays_per_sample=1, samples=REPLAYS)
+    finally:
+        for setting, default in zip(("release_at_start", "ctas_per_sm", "weight_loads_before_wait"), (True, 1, False)):
+            getattr(ops, f"_router_gemm_set_{setting}")(default)
+    return {"H": hidden, "E": experts, "T": tokens, "k": k, "scoring": scoring, "n_group": n_group, **times}
+
+
+def _routing_table(shapes, tokens_list, dtype, out_dir: Path, meta: dict) -> None:
+    import torch
+
+    stock = torch.compile(stock_router_routing, dynamic=True)
+    rows = []
+    columns = [*GEMM_VARIANTS, "cublas", "fused", "two_ops", "inductor"]
+    print(f"# acceptance method: one weight, {ROTATING_INPUTS} rotating inputs, {CALLS_PER_GRAPH} calls a graph, "
+          f"median of {REPLAYS} replays; us per call")  # fmt: skip
+    print(f"{'H x E':>10} {'T':>5} " + " ".join(f"{c:>19}" for c in columns))
+    for hidden, experts in shapes:
+        if (hidden, experts) not in MODEL_ROUTING:
+            continue
+        for tokens in tokens_list:
+            row = _routing_point(hidden, experts, tokens, dtype, stock)
+            rows.append(row)
+            print(f"{f'{hidden}x{experts}':>10} {tokens:>5} " + " ".join(f"{row[c]:>19.2f}" for c in columns), flush=True)
+    with open(out_dir / "router_routing.json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
 def _tflops(rows, key: str) -> list[float]:
     return [2 * r["T"] * r["H"] * r["E"] / (r[key] * 1e-6) / 1e12 for r in rows]
 
 
-def _plot(rows, shapes, path: Path) -> None:
+def _plot(rows, shapes, path: Path, meta: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,13 +288,18 @@ def _plot(rows, shapes, path: Path) -> None:
         ax.plot(ts, _tflops(pts, "kernel_us"), ":", color="gray", label="kernel forced at every T")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(f"H={hidden}, E={experts}")
+        model = MODEL_NAMES.get((hidden, experts))
+        ax.set_title(f"H={hidden}, E={experts}" + (f" ({model}'s router)" if model else ""))
         ax.set_xlabel("tokens T")
         ax.set_ylabel("TFLOP/s")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(shapes) :]:
         ax.set_visible(False)
+    fig.suptitle(
+        f"MoE router GEMM [T, H] x [E, H]^T, {meta['dtype']}, on {meta['gpu']} (torch {meta['torch']}): CUDA-graph replay of "
+        f"back-to-back calls, weights rotated over {meta['rotate_bytes'] / 1e6:.0f} MB (read from HBM); higher is faster"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -209,6 +326,11 @@ def main(argv: list[str]) -> int:
         "--weight-loads-before-wait",
         action="store_true",
         help="opt in to the kernel's early weight loads (correct only for weights no running kernel writes)",
+    )
+    parser.add_argument(
+        "--routing",
+        action="store_true",
+        help="also the acceptance-method table: kernel variants, cuBLAS, router_routing, our two ops, stock Inductor",
     )
     parser.add_argument("--out", default="router_gemm_bench", help="directory for CSV, JSON and PNG")
     args = parser.parse_args(argv)
@@ -316,7 +438,9 @@ def main(argv: list[str]) -> int:
             f.write(",".join(str(r.get(k, "")) for k in keys) + "\n")
     with open(out_dir / "router_gemm.json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    _plot(rows, shapes, out_dir / "router_gemm.png")
+    _plot(rows, shapes, out_dir / "router_gemm.png", meta)
+    if args.routing:
+        _routing_table(shapes, tokens_list, dtype, out_dir, meta)
     print(f"# wrote {out_dir}/router_gemm.csv, .json, .png")
     return 0
 
