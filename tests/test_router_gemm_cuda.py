@@ -273,46 +273,34 @@ def _side_load(stream, big_src, big_dst, mat):
 CHAIN_CASES = [(2880, 128, 64), (2880, 32, 1), (2048, 128, 16), (7168, 256, 8)]
 
 
-@pytest.mark.parametrize("release", ["at_start", "after_last_store"])
-@pytest.mark.parametrize("case", CHAIN_CASES, ids=lambda c: f"H{c[0]}xE{c[1]}xT{c[2]}")
-@pytest.mark.parametrize("neighbours", ["pdl", "torch"])
-def test_chain_in_graph_under_memory_pressure(neighbours, case, release):
-    """producer -> router GEMM -> consumer, captured in one CUDA graph and replayed 10,000
-    times while another stream copies gigabytes and multiplies large matrices. The producer
-    cycles x through a few variants; the consumer compares the logits bitwise with the
-    expected ones and counts mismatches and NaNs on the device.
+def chain_mismatches_under_load(op, variants, neighbours, replays=10_000, seed=0):
+    """(mismatches, NaNs) of ``op(x)`` over ``replays`` replays of producer -> op -> consumer,
+    captured in one CUDA graph while another stream copies gigabytes and multiplies large
+    matrices. The producer cycles x through ``variants`` [P, T, H]; the consumer compares
+    ``op(x)`` (one tensor of 2- or 4-byte elements) bitwise with the op's quiet eager result
+    for that variant and counts mismatches and NaNs on the device.
 
     "pdl": the test-only PDL producer (releases its dependents at once, writes x after a
-    delay) and consumer (waits, then reads), so a router GEMM that read x before its
-    griddepcontrol.wait, or whose dependents could read its output before its stores land
-    (it releases them at its start by default), gets caught. "torch": plain torch kernels
-    as neighbours."""
-    hidden, experts, tokens = case
-    variants_n, replays = 3, 10_000
-    tokens = min(tokens, OPS._router_gemm_kernel_max_tokens(hidden, experts))
-    OPS._router_gemm_set_release_at_start(release == "at_start")
-    seed = _seed()
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    variants = torch.randn(variants_n, tokens, hidden, generator=gen, device="cuda").to(torch.bfloat16)
-    w = (torch.randn(experts, hidden, generator=gen, device="cuda") * 0.1).to(torch.bfloat16)
-    b = torch.randn(experts, generator=gen, device="cuda").to(torch.bfloat16)
-    expected = torch.stack([OPS.router_gemm(v, w, b, None) for v in variants])
-    x = torch.empty(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+    3 us delay: a deliberately slow producer) and consumer (waits, then reads), so an op
+    that read x before its griddepcontrol.wait, or whose dependents could read its output
+    before its stores land, gets caught. "torch": plain torch kernels as neighbours."""
+    variants_n = variants.shape[0]
+    expected = torch.stack([op(v) for v in variants])
+    x = torch.empty_like(variants[0])
     step = torch.zeros(1, dtype=torch.int32, device="cuda")
     counters = torch.zeros(2, dtype=torch.int64, device="cuda")
 
     def chain():
         if neighbours == "pdl":
             OPS._test_pdl_producer(variants, step, x, 3000)
-            logits = OPS.router_gemm(x, w, b, None)
-            OPS._test_pdl_consumer(logits, expected, step, counters)
+            OPS._test_pdl_consumer(op(x), expected, step, counters)
         else:
             variant = torch.remainder(step.long(), variants_n)
             x.copy_(variants.index_select(0, variant)[0])
-            logits = OPS.router_gemm(x, w, b, None)
+            out = op(x)
             want = expected.index_select(0, variant)[0]
-            counters[0] += (_bits(logits) != _bits(want)).sum()
-            counters[1] += torch.isnan(logits).sum()
+            counters[0] += (_bits(out) != _bits(want)).sum()
+            counters[1] += torch.isnan(out).sum()
             step.add_(1)
 
     side = torch.cuda.Stream()
@@ -328,6 +316,7 @@ def test_chain_in_graph_under_memory_pressure(neighbours, case, release):
     step.zero_()
     counters.zero_()
 
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     big_src = torch.empty(512 << 20, dtype=torch.uint8, device="cuda").random_(generator=gen)
     big_dst = torch.empty_like(big_src)
     mat = torch.randn(4096, 4096, generator=gen, device="cuda").to(torch.bfloat16)
@@ -339,10 +328,25 @@ def test_chain_in_graph_under_memory_pressure(neighbours, case, release):
             graph.replay()
     torch.cuda.synchronize()
     assert step.item() == replays
-    mismatches, nans = counters.tolist()
-    assert (mismatches, nans) == (0, 0), (
-        f"{mismatches} mismatching and {nans} NaN logits over {replays} replays (seed={seed})"
-    )
+    return tuple(counters.tolist())
+
+
+@pytest.mark.parametrize("release", ["at_start", "after_last_store"])
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=lambda c: f"H{c[0]}xE{c[1]}xT{c[2]}")
+@pytest.mark.parametrize("neighbours", ["pdl", "torch"])
+def test_chain_in_graph_under_memory_pressure(neighbours, case, release):
+    """The router GEMM in chain_mismatches_under_load, releasing its dependents at its
+    start (the default) or after its last store: no wrong or NaN logit in 10,000 replays."""
+    hidden, experts, tokens = case
+    tokens = min(tokens, OPS._router_gemm_kernel_max_tokens(hidden, experts))
+    OPS._router_gemm_set_release_at_start(release == "at_start")
+    seed = _seed()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    variants = torch.randn(3, tokens, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(experts, hidden, generator=gen, device="cuda") * 0.1).to(torch.bfloat16)
+    b = torch.randn(experts, generator=gen, device="cuda").to(torch.bfloat16)
+    mismatches, nans = chain_mismatches_under_load(lambda x: OPS.router_gemm(x, w, b, None), variants, neighbours, seed=seed)
+    assert (mismatches, nans) == (0, 0), f"{mismatches} mismatching and {nans} NaN logits (seed={seed})"
 
 
 # ------------------------------------------------------------ concurrency and capture

@@ -1,0 +1,162 @@
+"""CUDA tests of fusion_passes::router_routing: bitwise the two-op composition
+topk_routing(router_gemm(...)) for every scoring form and group setting, across the token
+counts on both sides of the op's fused/two-kernel bound; against float64 logits; batch
+invariance; poisoned padding rows in CUDA-graph replay; the producer -> op -> consumer PDL
+chain under HBM load (the router GEMM's stress test, parametrized over the op); bad inputs
+with the two ops' messages. Inputs are fresh random numbers on every run; the seed is in
+every failure message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_router_gemm_cuda import OPS, _bits, _inputs, _seed, chain_mismatches_under_load
+from test_router_routing import ROUTINGS, bad_inputs
+
+import fusion_passes  # noqa: F401  (registers the ops)
+from fusion_passes import kernels
+
+pytestmark = pytest.mark.cuda
+
+# (H, E, routing): the model shapes with their routing, then every setting of ROUTINGS on E = 16.
+MODEL_CASES = [
+    (2880, 32, (4, "softmax", True, False, 1, 1, "top2_sum")),
+    (2880, 128, (4, "softmax", True, False, 1, 1, "top2_sum")),
+    (2048, 128, (8, "softmax", True, False, 1, 1, "top2_sum")),
+    (7168, 256, (8, "sigmoid", True, True, 8, 4, "top2_sum")),
+    (7168, 256, (8, "sigmoid", True, True, 8, 4, "max")),
+    (4096, 160, (6, "softmax", False, False, 1, 1, "top2_sum")),
+]
+SETTING_CASES = [(72, 16, routing) for routing in ROUTINGS]
+TOKENS = [1, 2, 7, 16, 17, 64, 128, 129, 256, 1024]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels_loaded():
+    assert kernels.load(), kernels.load_error()
+
+
+def make_case(tokens, hidden, experts, routing, dtype, seed):
+    x, w, b = _inputs(tokens, hidden, experts, dtype, True, seed)
+    k, scoring, renormalize, with_correction, n_group, topk_group, group_score = routing
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    correction = torch.randn(experts, generator=gen, device="cuda") * 0.1 if with_correction else None
+    return x, w, b, (k, scoring, renormalize, correction, n_group, topk_group, group_score)
+
+
+def two_ops(x, w, b, routing_args, logits_dtype=None):
+    return OPS.topk_routing(OPS.router_gemm(x, w, b, logits_dtype), *routing_args)
+
+
+def assert_same(got, want, context):
+    (weights, ids), (want_weights, want_ids) = got, want
+    assert torch.equal(ids, want_ids), f"ids differ ({context})"
+    assert torch.equal(_bits(weights), _bits(want_weights)), f"weights differ bitwise ({context})"
+
+
+@pytest.mark.parametrize("logits_dtype", [None, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "case", MODEL_CASES + SETTING_CASES, ids=lambda c: f"H{c[0]}xE{c[1]}-{c[2][1]}-k{c[2][0]}-g{c[2][4]}-{c[2][6]}"
+)
+def test_bitwise_the_two_ops(case, dtype, logits_dtype):
+    hidden, experts, routing = case
+    seed = _seed()
+    for tokens in TOKENS:
+        x, w, b, routing_args = make_case(tokens, hidden, experts, routing, dtype, seed + tokens)
+        got = OPS.router_routing(x, w, b, *routing_args, logits_dtype)
+        assert_same(got, two_ops(x, w, b, routing_args, logits_dtype), f"T={tokens} seed={seed}")
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=lambda c: f"H{c[0]}xE{c[1]}-g{c[2][4]}")
+def test_against_float64_logits(case):
+    """Rows whose logits, computed in float64 and rounded once to bf16, equal the op's
+    (all but the rare logit within the fp32 accumulation error of a rounding boundary)
+    route exactly as topk_routing routes those float64 logits."""
+    hidden, experts, routing = case
+    seed = _seed()
+    x, w, b, routing_args = make_case(64, hidden, experts, routing, torch.bfloat16, seed)
+    weights, ids = OPS.router_routing(x, w, b, *routing_args, None)
+    exact = (x.double() @ w.double().t() + b.double()).to(torch.bfloat16)
+    want_weights, want_ids = OPS.topk_routing(exact, *routing_args)
+    agree = (OPS.router_gemm(x, w, b, None) == exact).all(dim=1)
+    assert agree.sum() >= 32, f"only {int(agree.sum())} of 64 rows of logits are the float64 ones rounded (seed={seed})"
+    assert_same((weights[agree], ids[agree]), (want_weights[agree], want_ids[agree]), f"seed={seed}")
+
+
+@pytest.mark.parametrize("case", MODEL_CASES[:4], ids=lambda c: f"H{c[0]}xE{c[1]}")
+def test_batch_invariance(case):
+    """A token's weights and ids do not depend on T or on where the row sits."""
+    hidden, experts, routing = case
+    seed = _seed()
+    x, w, b, routing_args = make_case(300, hidden, experts, routing, torch.bfloat16, seed)
+    alone = [OPS.router_routing(x[i : i + 1], w, b, *routing_args, None) for i in (0, 5, 150, 299)]
+    for tokens in (8, 16, 64, 128, 300):
+        weights, ids = OPS.router_routing(x[:tokens], w, b, *routing_args, None)
+        for row, (w1, i1) in zip((0, 5, 150, 299), alone):
+            if row < tokens:
+                assert_same((weights[row : row + 1], ids[row : row + 1]), (w1, i1), f"T={tokens} row={row} seed={seed}")
+
+
+@pytest.mark.parametrize("case", [MODEL_CASES[1], MODEL_CASES[3]], ids=lambda c: f"H{c[0]}xE{c[1]}")
+def test_cuda_graph_with_poisoned_padding(case):
+    """Captured at T = 128; replayed with only the first rows live and the padding rows
+    garbage and NaN bit patterns: the live rows equal eager calls, every row gets k distinct
+    ids and finite weights."""
+    hidden, experts, routing = case
+    seed = _seed()
+    x, w, b, routing_args = make_case(128, hidden, experts, routing, torch.bfloat16, seed)
+    k = routing_args[0]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        OPS.router_routing(x, w, b, *routing_args, None)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        weights, ids = OPS.router_routing(x, w, b, *routing_args, None)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for live in (1, 5, 64, 127):
+        x_live, _, _ = _inputs(live, hidden, experts, torch.bfloat16, True, seed + live)
+        x[:live].copy_(x_live)
+        garbage = _bits(x[live:])
+        garbage.copy_(torch.randint(-(2**15), 2**15, garbage.shape, generator=gen, device="cuda", dtype=torch.int16))
+        garbage[:, ::5] = 0x7FC0  # NaN
+        graph.replay()
+        context = f"live={live} seed={seed}"
+        assert_same((weights[:live], ids[:live]), OPS.router_routing(x_live, w, b, *routing_args, None), context)
+        assert torch.isfinite(weights).all() and (weights >= 0).all(), context
+        assert all(len(set(row)) == k for row in ids.tolist()), context
+
+
+@pytest.mark.parametrize("output", ["weights", "ids"])
+@pytest.mark.parametrize("case", [MODEL_CASES[0], MODEL_CASES[2], MODEL_CASES[3]], ids=lambda c: f"H{c[0]}xE{c[1]}")
+@pytest.mark.parametrize("neighbours", ["pdl", "torch"])
+def test_chain_in_graph_under_memory_pressure(neighbours, case, output):
+    """The router GEMM's PDL stress test with this op in the middle: no wrong weight or id
+    in 10,000 replays under HBM load on another stream."""
+    hidden, experts, routing = case
+    seed = _seed()
+    variants = torch.stack([_inputs(16, hidden, experts, torch.bfloat16, False, seed + i)[0] for i in range(3)])
+    _, w, b, routing_args = make_case(16, hidden, experts, routing, torch.bfloat16, seed)
+
+    def op(x):
+        weights, ids = OPS.router_routing(x, w, b, *routing_args, None)
+        return weights if output == "weights" else ids.view(torch.int32)  # 4-byte elements for the consumer
+
+    mismatches, nans = chain_mismatches_under_load(op, variants, neighbours, seed=seed)
+    assert (mismatches, nans) == (0, 0), f"{mismatches} mismatching and {nans} NaN {output} (seed={seed})"
+
+
+@pytest.mark.parametrize("index", range(len(bad_inputs())))
+def test_bad_inputs_get_the_two_ops_messages(index):
+    x, w, b, routing_args = make_case(5, 40, 16, (2, "sigmoid", True, True, 1, 1, "top2_sum"), torch.bfloat16, 0)
+    k, scoring, renormalize, correction, n_group, topk_group, group_score = routing_args
+    good = dict(
+        x=x, weight=w, bias=b, k=k, scoring=scoring, renormalize=renormalize, correction_bias=correction,
+        n_group=n_group, topk_group=topk_group, group_score=group_score, logits_dtype=None,
+    )  # fmt: skip
+    overrides, op = bad_inputs()[index]
+    overrides = {name: v.cuda() if isinstance(v, torch.Tensor) else v for name, v in overrides.items()}
+    with pytest.raises(ValueError, match=f"^{op}:"):
+        OPS.router_routing(*{**good, **overrides}.values())
