@@ -51,10 +51,75 @@ class Router(torch.nn.Module):
             w = s.gather(1, ids)
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
             return w * 2.5, ids
+        if self.form == "softmax_bias_clamp":  # ERNIE 4.5, LongCat-Flash
+            p = torch.softmax(logits, dim=1, dtype=torch.float)
+            ids = torch.topk(p + self.correction, self.k, dim=-1)[1]
+            w = torch.gather(p, dim=-1, index=ids)
+            return (w / torch.clamp(w.sum(dim=-1, keepdim=True), min=1e-12)).to(x.dtype), ids
+        if self.form in GROUPED_FORMS:
+            return grouped(self.form, logits, self.correction, self.k)
         raise AssertionError(self.form)
 
 
-FORMS = ["softmax_topk", "upcast_softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_bias"]
+GROUPS, TOPK_GROUP = 4, 2
+
+
+def grouped(form, logits, correction, k):
+    """Group-limited routing (GROUPS groups, the best TOPK_GROUP kept) as models write it."""
+    tokens, experts = logits.shape
+    if form == "grouped_sigmoid_bias":  # DeepSeek-V3 / GLM-4.5 / dots1 in transformers
+        scores = logits.float().sigmoid()
+        choice = scores + correction
+        group_scores = choice.view(-1, GROUPS, experts // GROUPS).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=TOPK_GROUP, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, GROUPS, experts // GROUPS).reshape(-1, experts)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        ids = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+        w = scores.gather(1, ids)
+        w /= w.sum(dim=-1, keepdim=True) + 1e-20
+        return w * 2.5, ids
+    if form == "grouped_engine":  # a serving engine: a boolean group mask, where, no renormalization
+        scores = torch.sigmoid(logits.float())
+        choice = scores + correction.unsqueeze(0)
+        group_scores = torch.topk(choice.view(tokens, GROUPS, -1), 2, dim=-1).values.sum(-1)
+        group_idx = torch.topk(group_scores, TOPK_GROUP, dim=-1).indices
+        keep = torch.zeros(tokens, GROUPS, dtype=torch.bool, device=logits.device).scatter(1, group_idx, True)
+        keep = keep[:, :, None].expand(tokens, GROUPS, experts // GROUPS).reshape(tokens, experts)
+        ids = torch.topk(torch.where(keep, choice, float("-inf")), k, dim=-1).indices
+        return scores.gather(1, ids), ids
+    if form == "grouped_softmax_max":  # DeepSeek-V2 group_limited_greedy: fill 0.0, the values weight
+        scores = logits.float().softmax(dim=-1)
+        group_scores = scores.view(-1, GROUPS, experts // GROUPS).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=TOPK_GROUP, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, GROUPS, experts // GROUPS).reshape(-1, experts)
+        w, ids = torch.topk(scores.masked_fill(~score_mask.bool(), 0.0), k=k, dim=-1, sorted=False)
+        return w * 16.0, ids
+    if form == "grouped_softmax_top2":  # Mistral 4 (whose fp32 router feeds it fp32 logits): fill 0.0, gather
+        scores = logits.float().softmax(-1)
+        group_scores = scores.view(-1, GROUPS, experts // GROUPS).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=TOPK_GROUP, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, GROUPS, experts // GROUPS).reshape(-1, experts)
+        ids = torch.topk(scores.masked_fill(~score_mask.bool(), 0.0), k=k, dim=-1, sorted=False)[1]
+        w = scores.gather(1, ids)
+        return w / (w.sum(dim=-1, keepdim=True) + 1e-20), ids
+    raise AssertionError(form)
+
+
+GROUPED_FORMS = ["grouped_sigmoid_bias", "grouped_engine", "grouped_softmax_max", "grouped_softmax_top2"]
+FORMS = [
+    "softmax_topk",
+    "upcast_softmax_topk",
+    "topk_softmax",
+    "sigmoid_topk",
+    "sigmoid_bias",
+    "softmax_bias_clamp",
+    *GROUPED_FORMS,
+]
 
 
 def run(module, x, **config):
@@ -71,11 +136,16 @@ def run(module, x, **config):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_routing_form_matches_and_agrees_with_eager(form, dtype):
     torch.manual_seed(0)
-    module = Router(form, bias=form == "topk_softmax").to(dtype)
+    experts = 16 if form in GROUPED_FORMS else E
+    module = Router(form, bias=form == "topk_softmax", k=4 if form in GROUPED_FORMS else 2, experts=experts).to(dtype)
     x = torch.randn(7, H, dtype=dtype)
     counts, (w, ids), (w_ref, ids_ref), _ = run(module, x)
     assert counts["router_gemm"] == 1 and counts["nan_safe_routing"] == 1
     assert w.dtype == w_ref.dtype and ids.dtype == ids_ref.dtype == torch.int64
+    if form in GROUPED_FORMS:  # sorted=False: the order of the picked experts is unspecified
+        order, order_ref = ids.argsort(dim=-1), ids_ref.argsort(dim=-1)
+        ids, w = ids.gather(1, order), w.gather(1, order)
+        ids_ref, w_ref = ids_ref.gather(1, order_ref), w_ref.gather(1, order_ref)
     torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(w.float(), w_ref.float(), rtol=tol, atol=tol)
@@ -273,3 +343,42 @@ def test_addmm_with_a_broadcast_bias_is_not_a_router():
     counts, outs, refs, _ = run(BroadcastBias(), torch.randn(5, H))
     assert counts["router_gemm"] == 0 and counts["nan_safe_routing"] == 1
     torch.testing.assert_close(outs[0], refs[0])
+
+
+class GroupLimitedLookAlike(torch.nn.Module):
+    """DeepSeek-V3's group-limited routing with one step changed so that the op no
+    longer computes it."""
+
+    def __init__(self, change):
+        super().__init__()
+        self.gate = torch.nn.Linear(H, 16, bias=False)
+        self.register_buffer("correction", torch.randn(16) * 0.1)
+        self.change = change
+
+    def forward(self, x):
+        scores = self.gate(x).sigmoid()
+        choice = scores + self.correction
+        grouped = choice.view(-1, GROUPS, 16 // GROUPS)
+        if self.change == "top3_sum":
+            group_scores = grouped.topk(3, dim=-1)[0].sum(dim=-1)
+        else:
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=TOPK_GROUP, dim=-1)[1]
+        group_mask = torch.zeros_like(group_scores).scatter(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, GROUPS, 16 // GROUPS).reshape(-1, 16).bool()
+        if self.change == "keeps_dropped_groups":
+            choice = choice.masked_fill(score_mask, float("-inf"))
+        elif self.change == "zero_fill_with_bias":  # p + bias may be negative: 0.0 can win
+            choice = choice.masked_fill(~score_mask, 0.0)
+        else:
+            choice = choice.masked_fill(~score_mask, float("-inf"))
+        ids = torch.topk(choice, k=4, dim=-1)[1]
+        return scores.gather(1, ids), ids
+
+
+@pytest.mark.parametrize("change", ["top3_sum", "keeps_dropped_groups", "zero_fill_with_bias"])
+def test_group_limited_look_alikes_do_not_match(change):
+    counts, outs, refs, _ = run(GroupLimitedLookAlike(change), torch.randn(5, H))
+    assert counts["nan_safe_routing"] == 0
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref)

@@ -116,8 +116,8 @@ def softmax_of(node: Node) -> Node | None:
 
 
 def renormalized(values: Node) -> tuple[Node, float] | None:
-    """If the only use of ``values`` is ``values / (values.sum(-1, keepdim=True) [+ eps])``,
-    return (the division node, eps)."""
+    """If the only use of ``values`` is ``values / (values.sum(-1, keepdim=True) [+ eps])``
+    or ``values / values.sum(-1, keepdim=True).clamp(min=eps)``, return (the division node, eps)."""
     users = list(values.users)
     divisions = [u for u in users if is_call(u, aten.div.Tensor) and u.args[0] is values]
     sums = [u for u in users if is_call(u, aten.sum.dim_IntList)]
@@ -128,13 +128,27 @@ def renormalized(values: Node) -> tuple[Node, float] | None:
     if not reduces_last_dim(total.args[1], ndim) or not arg(total, 2, "keepdim", False):
         return None
     denominator, eps = division.args[1], 0.0
-    if is_call(denominator, aten.add.Tensor, aten.add.Scalar) and isinstance(denominator.args[1], (int, float)):
-        denominator, eps = denominator.args[0], float(denominator.args[1])
+    guard = _sum_guard(denominator)
+    if guard is not None:
+        denominator, eps = guard
         if len(denominator.users) != 1:
             return None
     if denominator is not total:
         return None
     return division, eps
+
+
+def _sum_guard(node: Node) -> tuple[Node, float] | None:
+    """(total, eps) for ``total + eps`` or ``total.clamp(min=eps)`` with a constant eps."""
+    if is_call(node, aten.add.Tensor, aten.add.Scalar) and isinstance(node.args[1], (int, float)):
+        return node.args[0], float(node.args[1])
+    if is_call(node, aten.clamp_min.default) and isinstance(node.args[1], (int, float)):
+        return node.args[0], float(node.args[1])
+    if is_call(node, aten.clamp.default) and arg(node, 2, "max") is None:
+        low = arg(node, 1, "min")
+        if isinstance(low, (int, float)):
+            return node.args[0], float(low)
+    return None
 
 
 def evaluate_fake(target, args: Sequence, kwargs: dict | None = None):

@@ -46,6 +46,7 @@ from torch.fx import Graph, Node
 
 from .. import ops
 from ..config import PassConfig
+from ._group_limited import GroupLimited, group_limited
 from ._graph import (
     PREPARE_SOFTMAX_ONLINE,
     after_inputs,
@@ -80,26 +81,59 @@ class RoutingMatch:
     correction_bias: Node | None
     weights: Node | None  # the node whose value the op's weights replace (None: unused)
     ids: Node | None  # topk's ids getitem (None: unused)
+    groups: GroupLimited | None = None
+
+    def group_args(self) -> tuple:
+        if self.groups is None or self.groups.n_group == 1:
+            return ()  # one group of every expert: exactly the ungrouped op
+        return (self.groups.n_group, self.groups.topk_group, self.groups.group_score)
 
 
-def _scoring_of(score: Node) -> tuple[str, Node, Node | None] | None:
-    """(scoring, logits, correction bias) for the tensor topk ranks, or None."""
-    logits = softmax_of(score)
+@dataclasses.dataclass
+class Scored:
+    """What a top-k ranks: ``probs`` (softmax or sigmoid of ``logits``) [+ ``bias``]."""
+
+    scoring: str
+    logits: Node
+    probs: Node
+    bias: Node | None
+
+
+def _probabilities_of(node: Node) -> tuple[str, Node] | None:
+    """(scoring, logits) if ``node`` is a softmax or sigmoid over the last dim."""
+    logits = softmax_of(node)
     if logits is not None:
-        return "softmax", logits, None
-    if is_call(score, aten.sigmoid.default):
-        return "sigmoid", strip_upcast(score.args[0]), None
-    if is_call(score, aten.add.Tensor):
-        for sigmoid, bias in (score.args, reversed(score.args)):
-            bias_value = fake(bias)
-            if (
-                is_call(sigmoid, aten.sigmoid.default)
-                and bias_value is not None
-                and bias_value.dim() == 1
-                and bias_value.shape[0] == fake(score).shape[-1]
-            ):
-                return "sigmoid", strip_upcast(sigmoid.args[0]), bias
+        return "softmax", logits
+    if is_call(node, aten.sigmoid.default):
+        return "sigmoid", strip_upcast(node.args[0])
     return None
+
+
+def _scoring_of(score: Node) -> Scored | None:
+    """How the tensor a top-k ranks was computed from the logits, or None."""
+    found = _probabilities_of(score)
+    if found is not None:
+        return Scored(*found, score, None)
+    if is_call(score, aten.add.Tensor):
+        for probs, bias in (score.args, reversed(score.args)):
+            bias = _per_expert(bias, fake(score).shape[-1])
+            found = _probabilities_of(probs) if bias is not None else None
+            if found is not None:
+                return Scored(*found, probs, bias)
+    return None
+
+
+def _per_expert(bias, num_experts: int) -> Node | None:
+    """The 1-D [E] tensor that ``bias`` is, or is a [1, E] view of."""
+    value = fake(bias)
+    if value is not None and value.dim() == 2 and value.shape[0] == 1 and is_call(bias, *VIEWS):
+        bias, value = bias.args[0], fake(bias.args[0])
+    if value is None or value.dim() != 1 or value.shape[0] != num_experts or not value.dtype.is_floating_point:
+        return None
+    return bias
+
+
+VIEWS = (aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.expand.default)
 
 
 def _renormalization(values: Node) -> tuple[Node, bool] | None:
@@ -111,6 +145,14 @@ def _renormalization(values: Node) -> tuple[Node, bool] | None:
     if eps > MAX_RENORM_EPS:
         return None
     return division, True
+
+
+def _gathered(probs: Node, ids: Node | None) -> Node | None:
+    """The one ``probs.gather(-1, ids)``: the weights of a selection by another score."""
+    if ids is None:
+        return None
+    gathers = [u for u in ids.users if is_call(u, aten.gather.default) and u.args[0] is probs and is_last_dim(u.args[1], 2)]
+    return gathers[0] if len(gathers) == 1 else None
 
 
 def match(topk: Node, config: PassConfig) -> RoutingMatch | None:
@@ -127,32 +169,29 @@ def match(topk: Node, config: PassConfig) -> RoutingMatch | None:
     outputs = getitem_users(topk)
     values, ids = outputs.get(0), outputs.get(1)
 
+    groups = None
     scored = _scoring_of(score)
+    if scored is None:
+        groups = group_limited(score)
+        scored = _scoring_of(groups.scores) if groups is not None else None
+        # Filling dropped groups with 0.0 instead of -inf selects the same experts only
+        # while every kept score is positive: true of probabilities, not of p + bias.
+        if scored is not None and groups.fill == 0.0 and scored.bias is not None:
+            return None
     if scored is not None:
-        scoring, logits, bias = scored
-        if bias is None:
-            if values is None:
-                weights, renormalize = None, False
-            else:
-                found = _renormalization(values)
-                if found is None:
-                    return None
-                weights, renormalize = found
+        gathered = _gathered(scored.probs, ids) if values is None else None
+        if gathered is not None:
+            found = _renormalization(gathered)  # selected by one score, weighted by probs
+        elif scored.bias is not None:
+            return None  # the values are p + bias, not weights
+        elif values is None:
+            found = None, False
         else:
-            # Selection by p + bias; the weights are p gathered at the ids.
-            if values is not None or ids is None:
-                return None
-            sigmoid = next(a for a in score.args if is_call(a, aten.sigmoid.default))
-            gathers = [
-                u for u in ids.users if is_call(u, aten.gather.default) and u.args[0] is sigmoid and is_last_dim(u.args[1], 2)
-            ]
-            if len(gathers) != 1:
-                return None
-            found = _renormalization(gathers[0])
-            if found is None:
-                return None
-            weights, renormalize = found
-        return RoutingMatch(topk, logits, k, scoring, renormalize, bias, weights, ids)
+            found = _renormalization(values)
+        if found is None:
+            return None
+        weights, renormalize = found
+        return RoutingMatch(topk, scored.logits, k, scored.scoring, renormalize, scored.bias, weights, ids, groups)
 
     # topk -> softmax (gpt-oss): the values feed one softmax and nothing else.
     if values is None:
@@ -208,7 +247,7 @@ def replace(graph: Graph, found: RoutingMatch) -> None:
         weights, ids = insert_multi_output(
             graph,
             ops.topk_routing,
-            (found.logits, found.k, found.scoring, found.renormalize, found.correction_bias),
+            (found.logits, found.k, found.scoring, found.renormalize, found.correction_bias, *found.group_args()),
             origin=found.topk,
         )
         if found.weights is not None:

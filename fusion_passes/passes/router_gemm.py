@@ -25,6 +25,7 @@ through elementwise, softmax, sigmoid and view ops. Any other linear stays as is
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 from torch.fx import Graph, Node
 
@@ -50,6 +51,11 @@ ROUTING_PATH = (
     aten.sum.dim_IntList,
     aten._softmax.default,
     aten.sigmoid.default,
+    # group-limited selection: the group scores and the mask of the dropped groups
+    aten.max.dim,
+    operator.getitem,
+    aten.where.self,
+    aten.masked_fill.Scalar,
 )
 ROUTING_SINKS = (aten.topk.default, ops.topk_routing)
 MAX_PATH_LENGTH = 12
