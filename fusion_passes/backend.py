@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 
 from . import dump
-from .config import PASS_NAMES, PassConfig
+from .config import PassConfig
 from .manager import PassManager, compiling_graph
 from .report import COUNTER_PREFIX, GraphReport, Report
 
@@ -24,12 +26,19 @@ class Backend:
     with the fusion passes as Inductor's post-grad custom pass, and counts the matches
     per graph in ``self.report`` (graph breaks and recompiles add graphs)."""
 
-    def __init__(self, config: PassConfig | None = None, *, codegen: bool = True):
-        """``codegen=False`` runs the passes but not Inductor's code generation: the
+    def __init__(self, config: PassConfig | Mapping | None = None, *, codegen: bool = True):
+        """``config``: a PassConfig, None for the defaults, or a mapping of PassConfig
+        fields (``Backend({"router_gemm": False})``).
+
+        ``codegen=False`` runs the passes but not Inductor's code generation: the
         rewritten post-grad graph runs as is (the ops through their dispatch). It
-        reports the same counts in a fraction of the compile time; for match-count
-        checks in CI, not for speed."""
-        self.config = config or PassConfig()
+        reports the same counts; it saves Inductor's code generation and the C++/Triton
+        compile of the generated code, not the tracing, so a whole compilation takes
+        about a third less time on a cold cache and little less on a warm one. For
+        match-count checks in CI, not for speed of the compiled model."""
+        if not isinstance(codegen, bool):
+            raise ValueError(f"Backend(codegen=...) must be a bool, got {codegen!r}")
+        self.config = PassConfig.coerce(config)
         self.codegen = codegen
         self.report = Report()
 
@@ -65,7 +74,8 @@ class Backend:
         # FX-graph cache hit the passes do not run, and Inductor replays the counter
         # increments recorded when the cached graph was compiled.
         delta = counters["inductor"] - before
-        graph_counts = {name: delta.get(COUNTER_PREFIX + name, 0) for name in PASS_NAMES}
+        # Only the passes that ran have a key: the report shows the others as "off".
+        graph_counts = {name: delta.get(COUNTER_PREFIX + name, 0) for name in self.config.enabled_passes()}
         self.report.graphs.append(
             GraphReport(index, graph_counts, cache_hit=not context.ran, dump_dir=dump_dir)
         )

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import types
+import typing
+from collections.abc import Mapping
 
 PASS_NAMES = ("slice_before_allreduce", "allreduce_rmsnorm", "router_gemm", "nan_safe_routing", "router_routing")
 
@@ -16,6 +20,11 @@ class PassConfig:
     pass manager's ``uuid()``, so Inductor's FX-graph cache never serves a graph that
     was compiled under another configuration. While dumping, the cache is bypassed
     (a cache hit would run no pass, so nothing would be dumped).
+
+    Each field is checked at construction against its annotation (a bool field takes
+    only a bool, an int field no bool or float, a tuple field no str), and the ranges and
+    op names below are checked too: a ValueError names the field, the value and what it
+    must be.
     """
 
     slice_before_allreduce: bool = True
@@ -43,16 +52,32 @@ class PassConfig:
     dump_dir: str | None = None
 
     def __post_init__(self):
-        if self.max_experts < 1:
-            raise ValueError(f"PassConfig.max_experts must be >= 1, got {self.max_experts}")
-        if self.router_gemm_max_tokens is not None and self.router_gemm_max_tokens < 0:
-            raise ValueError(f"PassConfig.router_gemm_max_tokens must be >= 0, got {self.router_gemm_max_tokens}")
-        if self.allreduce_max_tokens is not None and self.allreduce_max_tokens < 1:
-            raise ValueError(f"PassConfig.allreduce_max_tokens must be >= 1, got {self.allreduce_max_tokens}")
+        for field in dataclasses.fields(self):
+            value = _checked(field.name, getattr(self, field.name), _field_types()[field.name])
+            object.__setattr__(self, field.name, value)
+        _at_least("max_experts", self.max_experts, 1)
+        _at_least("router_gemm_max_tokens", self.router_gemm_max_tokens, 0)
+        _at_least("allreduce_max_tokens", self.allreduce_max_tokens, 1)
         for name in self.allreduce_ops:
-            if name.count("::") != 1:
-                raise ValueError(f"PassConfig.allreduce_ops entries look like 'namespace::op', got {name!r}")
-        object.__setattr__(self, "allreduce_ops", tuple(self.allreduce_ops))
+            _check_allreduce_op(name)
+
+    @classmethod
+    def coerce(cls, config) -> PassConfig:
+        """``config`` as a PassConfig: a PassConfig, None (the defaults), or a mapping of
+        field names to values (``{"router_gemm": False}``)."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, Mapping):
+            fields = [field.name for field in dataclasses.fields(cls)]
+            unknown = sorted(str(key) for key in config if key not in fields)
+            if unknown:
+                raise ValueError(f"unknown PassConfig fields {unknown}; the fields are {fields}")
+            return cls(**config)
+        raise ValueError(
+            f"expected a PassConfig, None or a mapping of PassConfig fields, got {type(config).__name__} {config!r}"
+        )
 
     def enabled_passes(self) -> tuple[str, ...]:
         return tuple(name for name in PASS_NAMES if getattr(self, name))
@@ -65,3 +90,74 @@ class PassConfig:
         key = dataclasses.asdict(self)
         key.pop("dump_dir")
         return key
+
+
+@functools.cache
+def _field_types() -> dict[str, object]:
+    return typing.get_type_hints(PassConfig)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if typing.get_origin(hint) is tuple:
+        return f"a tuple of {typing.get_args(hint)[0].__name__}"
+    if hint is str:
+        return "a str or path"
+    return f"an {hint.__name__}" if hint.__name__[0] in "aeiou" else f"a {hint.__name__}"
+
+
+def _checked(name: str, value, hint):
+    """``value`` if it has the type ``hint``, the field ``name``'s annotation (a list for
+    a tuple becomes a tuple); a ValueError naming the field otherwise. A bool is not an
+    int here, and a str is not a tuple of str (it would be read character by character)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (hint,) = [option for option in options if option is not type(None)]
+        origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item,) = [arg for arg in typing.get_args(hint) if arg is not Ellipsis]
+        if isinstance(value, (tuple, list)) and all(isinstance(entry, item) for entry in value):
+            return tuple(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is str:
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)  # a pathlib.Path for dump_dir
+    elif isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+    else:
+        raise TypeError(f"PassConfig.{name}: no check for the annotation {hint!r}")
+    raise ValueError(f"PassConfig.{name} must be {_describe(_field_types()[name])}, got {value!r}")
+
+
+def _at_least(name: str, value: int | None, low: int) -> None:
+    if value is not None and value < low:
+        raise ValueError(f"PassConfig.{name} must be >= {low}, got {value}")
+
+
+def _check_allreduce_op(qualified: str) -> None:
+    """An ``allreduce_ops`` entry names a registered op ``(Tensor x, str group_name) -> Tensor``."""
+    import torch
+
+    namespace, sep, name = qualified.partition("::")
+    if not sep or not namespace or not name or "::" in name:
+        raise ValueError(f"PassConfig.allreduce_ops entries look like 'namespace::op', got {qualified!r}")
+    try:
+        schema = getattr(getattr(torch.ops, namespace), name).default._schema
+    except (AttributeError, RuntimeError):
+        raise ValueError(f"PassConfig.allreduce_ops names {qualified!r}, which is not a registered op") from None
+    arguments = [str(argument.type) for argument in schema.arguments]
+    returns = [str(ret.type) for ret in schema.returns]
+    if arguments != ["Tensor", "str"] or returns != ["Tensor"]:
+        raise ValueError(
+            f"PassConfig.allreduce_ops names {qualified!r}, whose schema is {schema}; an all-reduce op "
+            "must be (Tensor x, str group_name) -> Tensor"
+        )

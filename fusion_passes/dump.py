@@ -78,25 +78,40 @@ def update_summary(root, name: str, counts: dict[str, int]) -> None:
     path.write_text(json.dumps({"counts": totals, "graphs": graphs}, indent=2) + "\n")
 
 
-def describe(root) -> str:
-    """The summary of a dump directory as a table."""
-    from .report import GraphReport, Report
-
-    path = Path(root) / SUMMARY
+def read_summary(root) -> dict:
+    """``summary.json`` of the dump directory ``root``, checked: a FileNotFoundError or
+    ValueError that names the path says what is wrong."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist or is not a directory")
+    path = root / SUMMARY
     if not path.exists():
         raise FileNotFoundError(f"{root} has no {SUMMARY}: is it a fusion_passes dump directory?")
-    summary = json.loads(path.read_text())
-    report = Report([GraphReport(i, g["counts"], dump_dir=g["dir"]) for i, g in enumerate(summary["graphs"])])
-    names = ", ".join(f"graph {i} = {g['dir']}" for i, g in enumerate(summary["graphs"]))
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    graphs = summary.get("graphs") if isinstance(summary, dict) else None
+    if not isinstance(graphs, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("dir"), str) and isinstance(g.get("counts"), dict) for g in graphs
+    ):
+        raise ValueError(f'{path} is not a fusion_passes summary: expected {{"graphs": [{{"dir": ..., "counts": ...}}]}}')
+    return summary
+
+
+def describe(root) -> str:
+    """The summary of a dump directory as a table (``off``: a pass that was disabled)."""
+    from .report import GraphReport, Report
+
+    graphs = read_summary(root)["graphs"]
+    report = Report([GraphReport(i, g["counts"], dump_dir=g["dir"]) for i, g in enumerate(graphs)])
+    names = ", ".join(f"graph {i} = {g['dir']}" for i, g in enumerate(graphs))
     return f"dump: {Path(root).resolve()} ({names})\n" + report.table()
 
 
 def _graph_dirs(root) -> list[Path]:
     """The graph directories in the order ``describe`` numbers them (summary.json's)."""
-    path = Path(root) / SUMMARY
-    if path.exists():
-        return [Path(root) / g["dir"] for g in json.loads(path.read_text())["graphs"]]
-    return sorted(Path(root).glob("graph_*"))
+    return [Path(root) / g["dir"] for g in read_summary(root)["graphs"]]
 
 
 def diff(root, pass_name: str, index: int | None = None) -> str:

@@ -36,9 +36,14 @@ class Report:
 
     def table(self) -> str:
         header = ["pass"] + [f"graph {g.index}" for g in self.graphs] + ["total"]
-        rows = [[name] + [str(g.counts.get(name, 0)) for g in self.graphs] + [str(self.counts[name])] for name in PASS_NAMES]
+        rows = []
+        for name in PASS_NAMES:
+            # A pass that did not run on a graph (turned off) has no key there: "off", not 0.
+            cells = [str(g.counts[name]) if name in g.counts else "off" for g in self.graphs]
+            ran = any(name in g.counts for g in self.graphs) or not self.graphs
+            rows.append([name] + cells + [str(self.counts[name]) if ran else "off"])
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header] + rows]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows]
         hits = [g.index for g in self.graphs if g.cache_hit]
         if hits:
             lines.append(f"(graphs {hits} came from Inductor's FX-graph cache; counts recorded at their compilation)")
