@@ -1,15 +1,24 @@
 """The golden numbers of DESIGN.md, per built-in model, through the report; compiled
 output against eager; the TP gpt-oss layer before and after the tensor-parallel passes."""
 
+import unittest
+
 import pytest
 import torch
-from expecttest import TestCase
 from helpers import compile_and_run, region, relative_error
 
 import fusion_passes
 from fusion_passes import ops
 from fusion_passes.models import MODELS, build_model, example_inputs, fake_tp_group
 from fusion_passes.testing import assert_matches
+
+try:
+    from expecttest import TestCase
+except ImportError:  # the golden-graph classes need expecttest; every other test runs without it
+
+    @unittest.skip("expecttest is not installed")
+    class TestCase(unittest.TestCase):
+        pass
 
 MOE_MODELS = [name for name in MODELS if name != "llama"]
 

@@ -10,6 +10,14 @@ After::
 
     logits = fusion_passes.router_gemm(x, w, b)
 
+Before (DeepSeek-V3 / GLM in transformers: a router in fp32 of a bf16/fp16 model)::
+
+    logits = mm(x.float(), permute(w.float(), [1, 0]))   # casts the whole weight every call
+
+After::
+
+    logits = fusion_passes.router_gemm(x, w, None, torch.float32)   # no cast kernel
+
 Why: at decode sizes (T <= ~128 tokens, E <= 512 experts) the router is a skinny
 GEMM that cuBLAS runs at 5-7 us, several times the time to read the weight once.
 The op runs its own kernel for small T (batch-invariant: a token's logits do not
@@ -19,7 +27,10 @@ inside the op because the compiled graph cannot branch on a symbolic token count
 Guard: a 2-D ``[T, H] x [E, H]^T`` product in bf16/fp16/fp32 whose weight is a plain
 transpose of an ``[E, H]`` tensor, with E <= ``PassConfig.max_experts``, whose
 output reaches a top-k selection (``aten.topk`` or ``fusion_passes::topk_routing``)
-through elementwise, softmax, sigmoid and view ops. Any other linear stays as is.
+through elementwise, softmax, sigmoid, view and group-mask ops. Any other linear stays as is.
+An fp32 product takes the low-precision operands when x, the weight (and the bias)
+are all exact upcasts of one bf16/fp16 dtype: their products are exact in fp32, so
+``out_dtype=float32`` computes the same GEMM (fp32 accumulation) from the originals.
 """
 
 from __future__ import annotations
@@ -27,11 +38,25 @@ from __future__ import annotations
 import dataclasses
 import operator
 
+import torch
+
 from torch.fx import Graph, Node
 
 from .. import ops
 from ..config import PassConfig
-from ._graph import aten, erase_unused, fake, insert_call, is_call, prims, replace_with, rewrite_each, upstream
+from ._graph import (
+    LOW_PRECISION,
+    aten,
+    erase_unused,
+    fake,
+    insert_call,
+    is_call,
+    prims,
+    replace_with,
+    rewrite_each,
+    strip_upcast,
+    upstream,
+)
 
 NAME = "router_gemm"
 
@@ -67,6 +92,7 @@ class RouterMatch:
     x: Node
     weight: Node
     bias: Node | None
+    out_dtype: torch.dtype | None = None  # float32 when x and weight are the low-precision sources of an fp32 router
 
 
 def _transposed_weight(node) -> Node | None:
@@ -112,13 +138,35 @@ def match(node: Node, config: PassConfig) -> RouterMatch | None:
         bias, x, transposed = node.args
     else:
         return None
-    weight = _transposed_weight(transposed)
+    # F.linear(x.float(), w.float()) transposes the upcast weight, or upcasts the transpose.
+    weight = _transposed_weight(transposed) or _transposed_weight(strip_upcast(transposed))
     if weight is None:
         return None
+    upcast_operands = _low_precision_operands(x, weight, bias)
+    if upcast_operands is not None:
+        return _router_match(node, *upcast_operands, torch.float32, config)
+    return _router_match(node, x, weight, bias, None, config)
+
+
+def _low_precision_operands(x: Node, weight: Node, bias: Node | None) -> tuple | None:
+    """(x, weight, bias) before their exact upcasts, when the router is
+    ``F.linear(x.float(), w.float()[, b.float()])`` of one bf16/fp16 dtype. Products of
+    such operands are exact in fp32, so the op with ``out_dtype=float32`` computes the
+    same GEMM without casting the weight on every call."""
+    sources = [strip_upcast(x), strip_upcast(weight)] + ([] if bias is None else [strip_upcast(bias)])
+    values = [fake(n) for n in sources]
+    if any(v is None for v in values) or {v.dtype for v in values} != {values[0].dtype}:
+        return None
+    if values[0].dtype not in LOW_PRECISION or sources[0] is x:
+        return None
+    return (sources[0], sources[1], sources[2] if bias is not None else None)
+
+
+def _router_match(node: Node, x: Node, weight: Node, bias: Node | None, out_dtype, config: PassConfig) -> RouterMatch | None:
     x_value, w_value, out_value = fake(x), fake(weight), fake(node)
     if x_value is None or x_value.dim() != 2 or x_value.dtype not in ops.ROUTER_GEMM_DTYPES:
         return None
-    if w_value.dtype != x_value.dtype or out_value.dtype != x_value.dtype:
+    if w_value.dtype != x_value.dtype or out_value.dtype != (out_dtype or x_value.dtype):
         return None
     num_experts = w_value.shape[0]
     if not isinstance(num_experts, int) or num_experts > config.max_experts:
@@ -134,18 +182,21 @@ def match(node: Node, config: PassConfig) -> RouterMatch | None:
         ):
             return None
         output = node
-    else:
+    elif out_dtype is None:
         bias = _trailing_bias(node)
         output = node if bias is None else next(iter(node.users))
+    else:
+        output = node
     if not reaches_routing(output):
         return None
-    return RouterMatch(output, x, weight, bias)
+    return RouterMatch(output, x, weight, bias, out_dtype)
 
 
 def replace(graph: Graph, found: RouterMatch) -> None:
     replaced = upstream(found.output, {found.x, found.weight, found.bias})
     with graph.inserting_before(found.output):
-        logits = insert_call(graph, ops.router_gemm, (found.x, found.weight, found.bias), origin=found.output)
+        args = (found.x, found.weight, found.bias) + (() if found.out_dtype is None else (found.out_dtype,))
+        logits = insert_call(graph, ops.router_gemm, args, origin=found.output)
         replace_with(graph, found.output, logits)
     erase_unused(replaced)
 
