@@ -152,3 +152,14 @@ def test_cuda_counts_and_numerics(name, dtype):
         stock = torch.compile(model)(ids)
     passes_error, stock_error = relative_error(out, eager), relative_error(stock, eager)
     assert passes_error < max(1e-2, 1.25 * stock_error), (passes_error, stock_error)
+
+
+def test_deepseek_v3_routing_is_group_limited_in_the_op():
+    """The built-in DeepSeek-V3 keeps 4 of 8 expert groups: the op gets the groups, and
+    the routed_scaling_factor stays the multiply after it."""
+    _, _, _, graphs = compile_model("deepseek-v3", layers=1, config=fusion_passes.PassConfig(router_routing=False))
+    (call,) = [n for g in graphs for n in g.nodes if n.target is ops.topk_routing]
+    moe = MODELS["deepseek-v3"].moe
+    assert call.args[1:3] == (moe.top_k, "sigmoid") and call.args[5:] == (moe.n_group, moe.topk_group, "top2_sum")
+    weights = next(u for u in call.users if u.args[1] == 0)
+    assert [u.args[1] for u in weights.users if u.target is torch.ops.aten.mul.Tensor] == [moe.routed_scaling_factor]

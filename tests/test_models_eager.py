@@ -243,3 +243,14 @@ def test_tp_gloo_matches_single_device(tmp_path):
             torch.testing.assert_close(
                 outputs[name], expected, atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}"
             )
+
+
+def test_deepseek_v3_routes_within_the_kept_groups():
+    model = build_model("deepseek-v3", 1)
+    moe = model.layers[0].mlp
+    cfg = moe.moe_config
+    x = model.layers[0].post_attn_norm(model.embed(*example_inputs(model, 16)))
+    _, expert_ids = moe.route(moe.router(x), x.dtype)
+    groups = expert_ids // (cfg.num_experts // cfg.n_group)
+    assert all(len(set(row.tolist())) <= cfg.topk_group for row in groups)
+    assert groups.unique().numel() > cfg.topk_group  # different tokens keep different groups

@@ -32,9 +32,10 @@ class MoEConfig:
       "topk_softmax"  gpt-oss: top-k of the logits, softmax over the k picked.
       "softmax_topk"  Qwen3-MoE / Mixtral: softmax over all experts in fp32, top-k,
                       optionally renormalised to sum to 1.
-      "sigmoid_bias"  DeepSeek-V3 (no expert groups): sigmoid scores, top-k of
-                      score + e_score_correction_bias, weights are the unbiased
-                      scores, renormalised and scaled by routed_scaling_factor.
+      "sigmoid_bias"  DeepSeek-V3: sigmoid scores, top-k of score +
+                      e_score_correction_bias (within the topk_group best of n_group
+                      expert groups), weights are the unbiased scores, renormalised
+                      and scaled by routed_scaling_factor.
     """
 
     num_experts: int
@@ -49,6 +50,9 @@ class MoEConfig:
     softmax_upcast: SoftmaxUpcast = "dtype_arg"
     # "sigmoid_bias" only.
     routed_scaling_factor: float = 1.0
+    # "sigmoid_bias" only: group-limited selection (n_group=1: every expert is a candidate).
+    n_group: int = 1
+    topk_group: int = 1
     # Intermediate size of an always-on dense expert added to the output (0: none).
     shared_expert_intermediate_size: int = 0
     # The experts' down projection writes hidden_size rounded up to this multiple
@@ -70,6 +74,14 @@ class MoEConfig:
             raise ValueError(f"expert_compute must be one of {EXPERT_COMPUTES}, got {self.expert_compute!r}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            raise ValueError(f"n_group={self.n_group} must be >= 1 and divide num_experts={self.num_experts}")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+        if self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            raise ValueError(f"top_k={self.top_k} exceeds the experts of topk_group={self.topk_group} groups")
+        if self.n_group > 1 and self.routing != "sigmoid_bias":
+            raise ValueError(f"expert groups need routing='sigmoid_bias', got {self.routing!r}")
         if self.shared_expert_intermediate_size and self.output_pad_multiple > 1:
             raise ValueError("a shared expert together with a padded MoE output is not supported")
 
@@ -163,12 +175,14 @@ MODELS: dict[str, ModelConfig] = {
             num_kv_heads=8,
             head_dim=16,
             norm="hf",
-            moe=MoEConfig(
-                num_experts=16,
+            moe=MoEConfig(  # DeepSeek-V3: 256 experts in 8 groups, the best 4 groups kept, top-8
+                num_experts=32,
                 top_k=4,
                 intermediate_size=32,
                 routing="sigmoid_bias",
                 routed_scaling_factor=2.5,
+                n_group=8,
+                topk_group=4,
                 shared_expert_intermediate_size=32,
             ),
         ),

@@ -51,11 +51,22 @@ def route_sigmoid_bias(
     *,
     correction_bias: torch.Tensor,
     routed_scaling_factor: float,
+    n_group: int = 1,
+    topk_group: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3 without expert groups: the bias picks the experts, the unbiased
-    sigmoid scores weight them (renormalised, then scaled). Weights stay fp32."""
+    """DeepSeek-V3: the bias picks the experts, within the topk_group groups whose two
+    best biased scores sum highest; the unbiased sigmoid scores weight them
+    (renormalised, then scaled). Weights stay fp32."""
     scores = logits.float().sigmoid()
-    expert_ids = torch.topk(scores + correction_bias, top_k, dim=-1)[1]
+    choice = scores + correction_bias
+    if n_group > 1:
+        num_experts = choice.shape[-1]
+        group_scores = choice.view(-1, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_ids = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter(1, group_ids, 1)
+        expert_mask = group_mask.unsqueeze(-1).expand(-1, n_group, num_experts // n_group).reshape(-1, num_experts)
+        choice = choice.masked_fill(~expert_mask.bool(), float("-inf"))
+    expert_ids = torch.topk(choice, top_k, dim=-1, sorted=False)[1]
     weights = scores.gather(1, expert_ids)
     weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     weights = weights * routed_scaling_factor
@@ -183,6 +194,8 @@ class MoE(nn.Module):
             moe.top_k,
             correction_bias=self.e_score_correction_bias,
             routed_scaling_factor=moe.routed_scaling_factor,
+            n_group=moe.n_group,
+            topk_group=moe.topk_group,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
