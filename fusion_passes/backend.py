@@ -32,10 +32,10 @@ class Backend:
 
         ``codegen=False`` runs the passes but not Inductor's code generation: the
         rewritten post-grad graph runs as is (the ops through their dispatch). It
-        reports the same counts; it saves Inductor's code generation and the C++/Triton
-        compile of the generated code, not the tracing, so a whole compilation takes
-        about a third less time on a cold cache and little less on a warm one. For
-        match-count checks in CI, not for speed of the compiled model."""
+        reports the same counts. It saves Inductor's lowering, code generation and the
+        C++/Triton compile of the generated code; Dynamo, AOT autograd and the passes run
+        as before (docs/architecture.md gives measured times). For match-count checks in
+        CI, not for speed of the compiled model."""
         if not isinstance(codegen, bool):
             raise ValueError(f"Backend(codegen=...) must be a bool, got {codegen!r}")
         self.config = PassConfig.coerce(config)

@@ -98,8 +98,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-codegen",
         action="store_true",
-        help="run the passes but not Inductor's code generation and C++/Triton compile: the same counts, "
-        "about a third less time on a cold cache, little on a warm one",
+        help="run the passes but not Inductor's lowering, code generation and C++/Triton compile: "
+        "the same counts; Dynamo, AOT autograd and the passes still run",
     )
     _progress_argument(parser)
 

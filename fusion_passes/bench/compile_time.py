@@ -20,6 +20,8 @@ import statistics
 import subprocess
 import sys
 
+from fusion_passes import progress
+
 CHILD = """
 import time, torch, fusion_passes
 from fusion_passes.manager import PassManager
@@ -61,18 +63,28 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the raw times here")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"a bar on stderr (default: when stderr is a terminal, or ${progress.ENV}=1)",
+    )
     args = parser.parse_args(argv)
 
     times = {"inductor": [], "fusion_passes": []}
     in_passes = []
-    for _ in range(args.repeats):
-        for backend in times:
-            total, passes = measure(backend, args)
-            times[backend].append(total)
-            if backend == "fusion_passes":
-                in_passes.append(passes)
+    steps = progress.Progress("fusion-passes bench compile-time", progress.wanted(args.progress))
+    with steps.bar(len(times) * args.repeats, "fresh-process compiles") as advance:
+        for _ in range(args.repeats):
+            for backend in times:
+                total, passes = measure(backend, args)
+                times[backend].append(total)
+                if backend == "fusion_passes":
+                    in_passes.append(passes)
+                advance(f"{backend} {total:.1f} s")
     stock, ours = statistics.median(times["inductor"]), statistics.median(times["fusion_passes"])
-    print(f"{args.model}, {args.layers} layers, {args.dtype} on {args.device}, median of {args.repeats} fresh processes")
+    layers = f"{args.layers} layer" + ("" if args.layers == 1 else "s")
+    print(f"{args.model}, {layers}, {args.dtype} on {args.device}, median of {args.repeats} fresh processes")
     print(f"  backend='inductor'      {stock:7.2f} s   {times['inductor']}")
     print(f"  backend=fusion_passes   {ours:7.2f} s   {times['fusion_passes']}")
     print(f"  overhead                {100 * (ours / stock - 1):+6.1f} %   (machine noise included)")
