@@ -2,8 +2,14 @@
 //
 // Semantics: exactly those of `topk_routing_reference` in fusion_passes/ops.py (its docstring is
 // the specification). In scope for the kernel: logits fp32/bf16/fp16, 1 <= E <= 512, k <= 32,
-// correction bias fp32/bf16/fp16/fp64. Anything else valid runs `topk_routing_composite` below,
-// the reference written with ATen ops, so valid input never errors.
+// correction bias fp32/bf16/fp16/fp64, and group-limited selection when a group of E/n_group
+// experts is a power of two of whole lanes (n_group <= 32; e.g. DeepSeek-V3's 256 = 8 x 32:
+// 4 lanes of 8). Anything else valid runs `topk_routing_composite` below, the reference written
+// with ATen ops, so valid input never errors.
+//
+// The per-row code is `route_row` in csrc/topk_select.cuh, shared with the fused router +
+// routing kernel; this file holds the kernel around it (a row of global memory per warp), the
+// dispatch over its template variants, the argument checks and the composite.
 //
 // Design: one warp per token row, kRowsPerBlock rows per block, no shared memory.
 //  * Lane l owns the VPL contiguous experts [l*VPL, (l+1)*VPL) in registers; VPL is a template
@@ -27,6 +33,13 @@
 //    held it shifts its list by one (VPL independent selects, the new head one of them). Lane r
 //    keeps the round-r entry, so the ids come out in descending order; all-invalid rows get
 //    ids 0..k-1 like the reference.
+//  * Groups (kGrouped): after the per-lane sort a lane's best two keys are its first two
+//    entries; a butterfly over the lanes of each group merges them into the group's best two,
+//    decoded to fp32 (invalid: -FLT_MAX) and added without flushing, as the reference adds them.
+//    topk_group rounds of the warp's best group key (ties: lowest lane, so lowest group) keep
+//    groups; the lanes of the others set their entries to 0 (taken), so the k rounds never see
+//    them and kept invalid experts still come last by index. The softmax max is then reduced
+//    over the heads before the drop, since the row's largest logit may sit in a dropped group.
 //  * Weights: lane r < k computes p of its expert with an exp within 1 ulp (range reduction,
 //    degree-7 polynomial; the --use_fast_math __expf loses |t|*1e-7 relative) and IEEE division
 //    and addition in inline PTX without .ftz, so subnormal probabilities and sums come out as

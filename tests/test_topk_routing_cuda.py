@@ -11,6 +11,11 @@ correction bias the selection score is the logit itself, so ids must be equal. W
 is p + bias, where p differs from the reference's by rounding: ids may then differ only
 between experts whose reference selection scores tie within rounding, and the weights are
 checked against the reference's p at the kernel's ids.
+
+Every test runs ungrouped and group-limited (`grouping`): DeepSeek-V3-style groups chosen
+by `group_args` for the test's E and k, with either group score. Without a bias the group
+scores are exact on both sides, so ids must be equal; with one, a row whose reference group
+scores tie within rounding at the cut may keep either group.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ SWEEP_TOKEN_COUNTS = TOKEN_COUNTS[:-2]  # the large counts run in test_token_cou
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCORINGS = ("softmax", "sigmoid")
 BIAS_KINDS = (None, "float32", "bfloat16")
+GROUPINGS = ("ungrouped", "grouped_top2_sum", "grouped_max")
+UNGROUPED = (1, 1, "top2_sum")
 FLT_MIN = torch.finfo(torch.float32).tiny
 
 # Weights agree to fp32 rounding: both sides use < 1 ulp exp and correctly rounded division;
@@ -44,6 +51,20 @@ SCORE_ATOL = 1e-6
 
 def ks_for(num_experts: int) -> list[int]:
     return sorted({k for k in (1, 2, 4, 6, 8, num_experts) if k <= min(num_experts, 32)})
+
+
+def group_args(grouping: str, num_experts: int, k: int) -> tuple[int, int, str]:
+    """(n_group, topk_group, group_score) for a test: 8 groups where E allows (else the
+    smallest divisor of E among 4, 2, 3, 5), half of them kept, more if k needs them."""
+    if grouping == "ungrouped":
+        return UNGROUPED
+    n_group = next((d for d in (8, 4, 2, 3, 5) if num_experts % d == 0 and d < num_experts), 1)
+    if num_experts == 8:
+        n_group = 8  # single-expert groups
+    topk_group = max(1, n_group // 2)
+    while k > topk_group * (num_experts // n_group):
+        topk_group += 1
+    return n_group, topk_group, "max" if grouping == "grouped_max" else "top2_sum"
 
 
 def fresh_generator() -> tuple[torch.Generator, int]:
@@ -115,11 +136,21 @@ def assert_routing_invariants(weights, ids, num_experts, k, renormalize, msg="")
         torch.testing.assert_close(sums, torch.ones_like(sums), rtol=0, atol=1e-5, msg=msg)
 
 
-def assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids, msg=""):
+def group_scores(keys: torch.Tensor, n_group: int, group_score: str) -> torch.Tensor:
+    """[T, n_group] fp32 group scores of the reference's selection keys (invalid: -FLT_MAX)."""
+    finfo = torch.finfo(torch.float32)
+    grouped = keys.masked_fill(keys == float("-inf"), finfo.min).view(keys.shape[0], n_group, -1)
+    if group_score == "max" or grouped.shape[-1] == 1:
+        return grouped.amax(-1)
+    top2 = grouped.topk(2, dim=-1).values
+    return top2[..., 0] + top2[..., 1]
+
+
+def assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids, msg="", groups=UNGROUPED):
     logits_cpu = logits.cpu()
     bias_cpu = None if bias is None else bias.cpu()
     weights, ids = weights.cpu(), ids.cpu()
-    ref_weights, ref_ids = topk_routing_reference(logits_cpu, k, scoring, renormalize, bias_cpu)
+    ref_weights, ref_ids = topk_routing_reference(logits_cpu, k, scoring, renormalize, bias_cpu, *groups)
     probs = reference_probs(logits_cpu, scoring)
     selected_probs = probs.gather(1, ids)
     assert_routing_invariants(weights, ids, logits.shape[1], k, renormalize, msg)
@@ -128,9 +159,22 @@ def assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids
         torch.testing.assert_close(weights, ref_weights, rtol=RTOL, atol=ATOL, msg=lambda m: f"weights {msg}\n{m}")
         return
     keys = selection_keys(logits_cpu, probs, bias_cpu)
+    rows = torch.ones(ids.shape[0], dtype=torch.bool)
+    n_group, topk_group, group_score = groups
+    if n_group > 1 and ids.shape[0]:
+        # Rows whose group cut is a tie within rounding may keep either group; every id must
+        # still come from a group that scores at least the cut, less rounding.
+        scores = group_scores(keys, n_group, group_score).double()
+        ranked = scores.sort(dim=-1, descending=True).values
+        cut = ranked[:, topk_group - 1 : topk_group]
+        slack = 2 * (SCORE_RTOL * cut.abs() + SCORE_ATOL)
+        if topk_group < n_group:
+            rows = ~((ranked[:, topk_group : topk_group + 1] >= cut - slack).squeeze(1) & torch.isfinite(cut).squeeze(1))
+        id_groups = ids // (logits.shape[1] // n_group)
+        assert bool((scores.gather(1, id_groups) >= cut - slack).all()), f"an id from a dropped group {msg}"
     torch.testing.assert_close(
-        keys.gather(1, ids),
-        keys.gather(1, ref_ids),
+        keys.gather(1, ids)[rows],
+        keys.gather(1, ref_ids)[rows],
         rtol=SCORE_RTOL,
         atol=SCORE_ATOL,
         msg=lambda m: f"selection differs beyond rounding {msg}\n{m}",
@@ -139,8 +183,8 @@ def assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids
     torch.testing.assert_close(weights, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"weights {msg}\n{m}")
 
 
-def run_op(logits, k, scoring, renormalize, bias):
-    return torch.ops.fusion_passes.topk_routing(logits, k, scoring, renormalize, bias)
+def run_op(logits, k, scoring, renormalize, bias, groups=UNGROUPED):
+    return torch.ops.fusion_passes.topk_routing(logits, k, scoring, renormalize, bias, *groups)
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +197,15 @@ def kernel():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("num_experts", EXPERT_COUNTS)
-def test_matches_reference(kernel, num_experts):
+def test_matches_reference(kernel, num_experts, grouping):
     """Every k, dtype, scoring, renormalization and bias kind for this E, T cycling through
     SWEEP_TOKEN_COUNTS."""
     gen, seed = fresh_generator()
     case = 0
     for k in ks_for(num_experts):
+        groups = group_args(grouping, num_experts, k)
         for dtype in LOGIT_DTYPES:
             for scoring in SCORINGS:
                 for renormalize in (True, False):
@@ -169,26 +215,28 @@ def test_matches_reference(kernel, num_experts):
                         logits = make_logits(num_tokens, num_experts, dtype, gen).cuda()
                         bias = make_bias(bias_kind, num_experts, gen)
                         bias = None if bias is None else bias.cuda()
-                        weights, ids = run_op(logits, k, scoring, renormalize, bias)
-                        msg = f"[seed={seed} T={num_tokens} E={num_experts} k={k} {dtype} {scoring} renorm={renormalize} bias={bias_kind}]"
-                        assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids, msg)
+                        weights, ids = run_op(logits, k, scoring, renormalize, bias, groups)
+                        msg = f"[seed={seed} T={num_tokens} E={num_experts} k={k} {dtype} {scoring} renorm={renormalize} bias={bias_kind} groups={groups}]"
+                        assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids, msg, groups)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
-def test_token_counts(kernel, num_tokens):
+def test_token_counts(kernel, num_tokens, grouping):
     """Every T (up to 8192) for common shapes: E=128 k=8 softmax, E=256 k=8 sigmoid with a
     bias, E=512 k=6 softmax with a bf16 bias."""
     gen, seed = fresh_generator()
     shapes = ((128, 8, "softmax", None), (256, 8, "sigmoid", "float32"), (512, 6, "softmax", "bfloat16"))
     for num_experts, k, scoring, bias_kind in shapes:
+        groups = group_args(grouping, num_experts, k)
         for dtype in LOGIT_DTYPES:
             logits = make_logits(num_tokens, num_experts, dtype, gen).cuda()
             bias = make_bias(bias_kind, num_experts, gen)
             bias = None if bias is None else bias.cuda()
-            weights, ids = run_op(logits, k, scoring, True, bias)
-            msg = f"[seed={seed} T={num_tokens} E={num_experts} k={k} {dtype} {scoring}]"
-            assert_matches_reference(logits, k, scoring, True, bias, weights, ids, msg)
+            weights, ids = run_op(logits, k, scoring, True, bias, groups)
+            msg = f"[seed={seed} T={num_tokens} E={num_experts} k={k} {dtype} {scoring} groups={groups}]"
+            assert_matches_reference(logits, k, scoring, True, bias, weights, ids, msg, groups)
 
 
 @pytest.mark.cuda
@@ -222,7 +270,8 @@ def test_bias_dtypes(kernel):
 
 
 @pytest.mark.cuda
-def test_strided_and_misaligned_logits(kernel):
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_strided_and_misaligned_logits(kernel, grouping):
     """Row strides wider than E, a storage offset that breaks 16-byte alignment, a transposed
     view and a column stride: all must give the reference's answer."""
     gen, seed = fresh_generator()
@@ -237,8 +286,10 @@ def test_strided_and_misaligned_logits(kernel):
         }
         for name, logits in views.items():
             for scoring in SCORINGS:
-                weights, ids = run_op(logits, 6, scoring, True, None)
-                assert_matches_reference(logits, 6, scoring, True, None, weights, ids, f"[seed={seed} {dtype} {name}]")
+                groups = group_args(grouping, logits.shape[1], 6)
+                weights, ids = run_op(logits, 6, scoring, True, None, groups)
+                msg = f"[seed={seed} {dtype} {name} groups={groups}]"
+                assert_matches_reference(logits, 6, scoring, True, None, weights, ids, msg, groups)
 
 
 @pytest.mark.cuda
@@ -290,8 +341,9 @@ def special_rows(num_experts: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("num_experts", (1, 8, 60, 128, 160, 256, 512))
-def test_nan_and_inf(kernel, num_experts):
+def test_nan_and_inf(kernel, num_experts, grouping):
     gen, seed = fresh_generator()
     rows = special_rows(num_experts, gen)
     biases = {
@@ -306,13 +358,14 @@ def test_nan_and_inf(kernel, num_experts):
     for dtype in LOGIT_DTYPES:
         logits = rows.to(dtype).cuda()
         for k in ks_for(num_experts):
+            groups = group_args(grouping, num_experts, k)
             for scoring in SCORINGS:
                 for renormalize in (True, False):
                     for bias_name, bias in biases.items():
                         bias_cuda = None if bias is None else bias.cuda()
-                        weights, ids = run_op(logits, k, scoring, renormalize, bias_cuda)
-                        msg = f"[seed={seed} E={num_experts} k={k} {dtype} {scoring} renorm={renormalize} bias={bias_name}]"
-                        assert_matches_reference(logits, k, scoring, renormalize, bias_cuda, weights, ids, msg)
+                        weights, ids = run_op(logits, k, scoring, renormalize, bias_cuda, groups)
+                        msg = f"[seed={seed} E={num_experts} k={k} {dtype} {scoring} renorm={renormalize} bias={bias_name} groups={groups}]"
+                        assert_matches_reference(logits, k, scoring, renormalize, bias_cuda, weights, ids, msg, groups)
                         # Row 0 is all NaN: ids 0..k-1, weights exactly 1/k (renormalized) or 0.
                         assert ids[0].cpu().tolist() == list(range(k)), msg
                         expected = torch.full((k,), 1.0 / k if renormalize else 0.0)
@@ -322,21 +375,23 @@ def test_nan_and_inf(kernel, num_experts):
 @pytest.mark.cuda
 @pytest.mark.parametrize("scoring", SCORINGS)
 @pytest.mark.parametrize("with_bias", (False, True))
-def test_cuda_graph_replay_with_nan_padding(kernel, scoring, with_bias):
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_cuda_graph_replay_with_nan_padding(kernel, scoring, with_bias, grouping):
     """A captured call on a static [T_max, E] buffer whose unused rows hold NaN, replayed with
     new contents: real rows match the reference, padding rows get ids 0..k-1 and 1/k."""
     gen, seed = fresh_generator()
     max_tokens, num_experts, k = 96, 256, 8
+    groups = group_args(grouping, num_experts, k)
     static_logits = torch.full((max_tokens, num_experts), NAN, dtype=torch.bfloat16, device="cuda")
     bias = (torch.randn(num_experts, generator=gen) * 0.05).cuda() if with_bias else None
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        run_op(static_logits, k, scoring, True, bias)
+        run_op(static_logits, k, scoring, True, bias, groups)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_weights, static_ids = run_op(static_logits, k, scoring, True, bias)
+        static_weights, static_ids = run_op(static_logits, k, scoring, True, bias, groups)
     for num_real in (0, 1, 17, 95, 96, 3):
         static_logits.fill_(NAN)
         real = make_logits(num_real, num_experts, torch.bfloat16, gen)
@@ -346,8 +401,8 @@ def test_cuda_graph_replay_with_nan_padding(kernel, scoring, with_bias):
         static_logits[:num_real].copy_(real)
         graph.replay()
         torch.cuda.synchronize()
-        msg = f"[seed={seed} real rows={num_real}]"
-        assert_matches_reference(static_logits, k, scoring, True, bias, static_weights, static_ids, msg)
+        msg = f"[seed={seed} real rows={num_real} groups={groups}]"
+        assert_matches_reference(static_logits, k, scoring, True, bias, static_weights, static_ids, msg, groups)
         padding_ids = static_ids[num_real:].cpu()
         assert bool((padding_ids == torch.arange(k)).all()), msg
         torch.testing.assert_close(static_weights[num_real:].cpu(), torch.full((max_tokens - num_real, k), 1.0 / k))
@@ -358,42 +413,45 @@ def test_cuda_graph_replay_with_nan_padding(kernel, scoring, with_bias):
 CHAIN_KS = (16, 8, 4, 2)
 
 
-def route_chain(logits):
-    """Each call routes the weights of the call before it: (input, weights, ids) per call."""
+def route_chain(logits, grouping):
+    """Each call routes the weights of the call before it: (input, weights, ids, groups) per call."""
     calls = []
     for k in CHAIN_KS:
-        weights, ids = run_op(logits, k, "softmax", False, None)
-        calls.append((logits, weights, ids))
+        groups = group_args(grouping, logits.shape[1], k)
+        weights, ids = run_op(logits, k, "softmax", False, None, groups)
+        calls.append((logits, weights, ids, groups))
         logits = weights
     return calls
 
 
 @pytest.mark.cuda
-def test_back_to_back_calls_read_the_previous_results(kernel):
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_back_to_back_calls_read_the_previous_results(kernel, grouping):
     """The kernel is launched with programmatic dependent launch, so a call may start before
     the call it reads from has finished; it must see that call's results, eagerly and in a
     replayed CUDA graph whose buffers still hold the previous replay's values."""
     gen, seed = fresh_generator()
     static_logits = make_logits(4096, 64, torch.float32, gen).cuda()
-    for logits, weights, ids in route_chain(static_logits):
+    for logits, weights, ids, groups in route_chain(static_logits, grouping):
         k = weights.shape[1]
-        assert_matches_reference(logits, k, "softmax", False, None, weights, ids, f"[seed={seed} eager k={k}]")
+        msg = f"[seed={seed} eager k={k} groups={groups}]"
+        assert_matches_reference(logits, k, "softmax", False, None, weights, ids, msg, groups)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        route_chain(static_logits)
+        route_chain(static_logits, grouping)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        calls = route_chain(static_logits)
+        calls = route_chain(static_logits, grouping)
     for replay in range(3):
         static_logits.copy_(make_logits(4096, 64, torch.float32, gen))
         graph.replay()
         torch.cuda.synchronize()
-        for logits, weights, ids in calls:
+        for logits, weights, ids, groups in calls:
             k = weights.shape[1]
-            msg = f"[seed={seed} replay={replay} k={k}]"
-            assert_matches_reference(logits, k, "softmax", False, None, weights, ids, msg)
+            msg = f"[seed={seed} replay={replay} k={k} groups={groups}]"
+            assert_matches_reference(logits, k, "softmax", False, None, weights, ids, msg, groups)
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -413,6 +471,12 @@ def bad_inputs(device: str):
         ((logits, 2, "it's", True, None), "scoring with a quote"),
         ((logits, 2, "softmax", True, torch.zeros(7, device=device)), "bias shape"),
         ((logits, 2, "softmax", True, torch.zeros(8, dtype=torch.int32, device=device)), "bias dtype"),
+        ((logits, 2, "sigmoid", True, None, 0, 1, "top2_sum"), "n_group = 0"),
+        ((logits, 2, "sigmoid", True, None, 3, 1, "top2_sum"), "E not divisible by n_group"),
+        ((logits, 2, "sigmoid", True, None, 4, 5, "top2_sum"), "topk_group > n_group"),
+        ((logits, 2, "sigmoid", True, None, 4, 0, "top2_sum"), "topk_group = 0"),
+        ((logits, 5, "sigmoid", True, None, 4, 2, "top2_sum"), "k > kept experts"),
+        ((logits, 2, "sigmoid", True, None, 4, 2, "sum"), "unknown group score"),
     ]
 
 
@@ -432,12 +496,14 @@ def test_bad_inputs_raise_value_error_like_the_reference(kernel):
 
 
 @pytest.mark.cuda
-def test_smoke_every_kernel_variant(kernel):
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_smoke_every_kernel_variant(kernel, grouping):
     """A few rows through every instantiated variant (dtype x experts-per-lane bucket x scoring x
     bias), aligned and misaligned, with NaN rows: small enough to run under compute-sanitizer."""
     gen, seed = fresh_generator()
     for num_experts in (5, 60, 128, 160, 256, 384, 512):
         k = min(num_experts, 8)
+        groups = group_args(grouping, num_experts, k)
         for dtype in LOGIT_DTYPES:
             wide = make_logits(6, num_experts + 1, dtype, gen)
             wide[0] = NAN
@@ -448,9 +514,9 @@ def test_smoke_every_kernel_variant(kernel):
                     for bias_kind in (None, "float32"):
                         bias = make_bias(bias_kind, num_experts, gen)
                         bias = None if bias is None else bias.cuda()
-                        weights, ids = run_op(logits, k, scoring, True, bias)
-                        msg = f"[seed={seed} E={num_experts} {dtype} {scoring} bias={bias_kind}]"
-                        assert_matches_reference(logits, k, scoring, True, bias, weights, ids, msg)
+                        weights, ids = run_op(logits, k, scoring, True, bias, groups)
+                        msg = f"[seed={seed} E={num_experts} {dtype} {scoring} bias={bias_kind} groups={groups}]"
+                        assert_matches_reference(logits, k, scoring, True, bias, weights, ids, msg, groups)
 
 
 # ----------------------------------------------------------------------------- property based
@@ -468,7 +534,10 @@ def kernel_cases(draw):
     """Logits picked at random from a small drawn palette (ties and special values) mixed
     with Gaussian noise, so that hypothesis explores values while E and T stay large."""
     num_experts = draw(st.sampled_from((1, 2, 3, 8, 31, 32, 33, 60, 64, 100, 128, 160, 193, 256, 300, 384, 500, 512)))
-    k = draw(st.integers(1, min(num_experts, 32)))
+    n_group = draw(st.sampled_from([d for d in (1, 2, 3, 4, 5, 8, 16, 32) if num_experts % d == 0]))
+    topk_group = draw(st.integers(1, n_group))
+    groups = (n_group, topk_group, draw(st.sampled_from(("top2_sum", "max"))))
+    k = draw(st.integers(1, min(topk_group * (num_experts // n_group), 32)))
     num_tokens = draw(st.integers(0, 40))
     palette = torch.tensor(draw(st.lists(element, min_size=1, max_size=6)), dtype=torch.float32)
     noise_fraction = draw(st.sampled_from((0.0, 0.5, 1.0)))
@@ -486,18 +555,18 @@ def kernel_cases(draw):
             torch.randn(num_experts, generator=gen) * 0.05,
             bias_palette[torch.randint(0, len(bias_palette), (num_experts,), generator=gen)],
         )
-    return logits.to(dtype), k, draw(st.sampled_from(SCORINGS)), draw(st.booleans()), bias
+    return logits.to(dtype), k, draw(st.sampled_from(SCORINGS)), draw(st.booleans()), bias, groups
 
 
 @pytest.mark.cuda
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=kernel_cases())
 def test_kernel_matches_reference_fuzzed(kernel, case):
-    logits, k, scoring, renormalize, bias = case
+    logits, k, scoring, renormalize, bias, groups = case
     logits = logits.cuda()
     bias = None if bias is None else bias.cuda()
-    weights, ids = run_op(logits, k, scoring, renormalize, bias)
-    assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids)
+    weights, ids = run_op(logits, k, scoring, renormalize, bias, groups)
+    assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids, f"groups={groups}", groups)
 
 
 @st.composite

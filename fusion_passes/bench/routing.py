@@ -13,6 +13,12 @@ launch overlaps the call before it, as it overlaps the router GEMM (also PDL) in
 launched without PDL; it is the time of the add-and-route pair minus the launch floor (the
 time of an add alone).
 
+A second table (routing_deepseek.*) times DeepSeek-V3's routing on fp32 logits (the HF model
+computes its router in fp32): sigmoid + correction bias, group-limited (E=256, 8 groups, 4
+kept, top-8) and the same with one group (GLM-4.5 / Kimi-K2 configs), each against the HF
+DeepseekV3 form compiled by Inductor and run eagerly. The op's side includes the multiply by
+routed_scaling_factor that the pass leaves after it.
+
     python -m fusion_passes.bench.routing --out bench_out/routing
 """
 
@@ -39,6 +45,14 @@ SMALL_BATCH_TARGET_US = 2.0
 SMALL_BATCH_MIN_SPEEDUP = 6.0
 LARGE_BATCH_CASE = (256, 8, 8192)  # E, k, T
 LARGE_BATCH_MAX_RATIO = 0.25
+# DeepSeek-V3 routing: E, k, n_group, topk_group, routed_scaling_factor; and its targets.
+DEEPSEEK_CASES = {
+    "deepseek-v3 grouped": (256, 8, 8, 4, 2.5),
+    "E=256 sigmoid+bias, one group": (256, 8, 1, 1, 2.5),
+}
+DEEPSEEK_TARGET_CASE = "deepseek-v3 grouped"
+DEEPSEEK_TARGET_US = 2.5
+DEEPSEEK_MIN_SPEEDUP = 8.0
 
 
 def composite_routing(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,12 +67,66 @@ def fused_routing(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return torch.ops.fusion_passes.topk_routing(logits, k, "softmax", True, None)
 
 
+def deepseek_v3_composite(logits, bias, k, n_group, topk_group, scale):
+    """DeepSeek-V3's routing as the transformers model writes it: sigmoid scores, the bias
+    added for the choice, groups scored by their two best, topk_group groups kept through a
+    scattered mask, an unsorted top-k of the masked scores, the sigmoid scores gathered,
+    divided by their sum + 1e-20, times routed_scaling_factor."""
+    num_experts = logits.shape[-1]
+    scores = logits.sigmoid()
+    scores_for_choice = scores + bias.unsqueeze(0)
+    group_scores = scores_for_choice.view(-1, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, num_experts // n_group).reshape(-1, num_experts)
+    scores_for_choice = scores_for_choice.masked_fill(~score_mask.bool(), 0.0)
+    topk_indices = torch.topk(scores_for_choice, k=k, dim=-1, sorted=False)[1]
+    topk_weights = scores.gather(1, topk_indices)
+    topk_weights /= topk_weights.sum(dim=-1, keepdim=True) + 1e-20
+    return topk_weights * scale, topk_indices
+
+
+def deepseek_v3_fused(logits, bias, k, n_group, topk_group, scale):
+    weights, ids = torch.ops.fusion_passes.topk_routing(logits, k, "sigmoid", True, bias, n_group, topk_group)
+    return weights * scale, ids
+
+
+def check_deepseek_agreement(logits, bias, route, compiled) -> None:
+    """Same experts and weights (the composite's order is unsorted: compare by expert id).
+    route: (k, n_group, topk_group, routed_scaling_factor)."""
+    fused_weights, fused_ids = deepseek_v3_fused(logits, bias, *route)
+    order = fused_ids.argsort(dim=-1)
+    for name, fn in (("eager", deepseek_v3_composite), ("compiled", compiled)):
+        weights, ids = fn(logits, bias, *route)
+        by_id = ids.argsort(dim=-1)
+        assert torch.equal(ids.gather(1, by_id), fused_ids.gather(1, order)), f"{name}: other experts"
+        torch.testing.assert_close(
+            weights.gather(1, by_id), fused_weights.gather(1, order), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}"
+        )
+
+
 def check_agreement(logits: torch.Tensor, k: int, compiled) -> None:
     """The three variants must agree on the weights (ids may differ on tied probabilities)."""
     fused_weights, _ = fused_routing(logits, k)
     for name, fn in (("eager", composite_routing), ("compiled", compiled)):
         weights, _ = fn(logits, k)
         torch.testing.assert_close(fused_weights, weights, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def readable_log_axes(ax, tokens: list[int]) -> None:
+    """Log-log axes labelled with plain numbers: T at the measured counts, µs at 1-2-5 steps."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(tokens))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="major", alpha=0.3)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -82,17 +150,87 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                 ("eager_us", "eager composite", "^:"),
             ):
                 ax.plot(tokens, [r[key] for r in subset], style, label=label)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            readable_log_axes(ax, tokens)
             ax.set_title(f"E={num_experts}, k={k}")
             ax.set_xlabel("tokens T")
             ax.set_ylabel("µs per call")
-            ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_deepseek(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, axes = plt.subplots(1, len(cases), figsize=(5.2 * len(cases), 4.0), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        subset = sorted((r for r in rows if r["case"] == case), key=lambda r: r["T"])
+        tokens = [r["T"] for r in subset]
+        for key, label, style in (
+            ("fused_us", "fusion_passes::topk_routing, then x scale", "o-"),
+            ("compiled_us", "HF DeepseekV3 routing, torch.compile (Inductor)", "s--"),
+            ("eager_us", "HF DeepseekV3 routing, eager PyTorch", "^:"),
+        ):
+            ax.plot(tokens, [r[key] for r in subset], style, label=label)
+        readable_log_axes(ax, tokens)
+        ax.set_title(case)
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("µs per call (lower is better)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def deepseek_targets_report(rows: list[dict]) -> list[str]:
+    small = [r for r in rows if r["case"] == DEEPSEEK_TARGET_CASE and r["T"] <= SMALL_BATCH_MAX_TOKENS]
+    if not small:
+        return []
+    worst = max(small, key=lambda r: r["fused_us"])
+    slowest_speedup = min(small, key=lambda r: r["speedup_vs_compiled"])
+    ok = worst["fused_us"] <= DEEPSEEK_TARGET_US and slowest_speedup["speedup_vs_compiled"] >= DEEPSEEK_MIN_SPEEDUP
+    return [
+        f"{DEEPSEEK_TARGET_CASE}, T<={SMALL_BATCH_MAX_TOKENS}: slowest {worst['fused_us']:.2f} us (T={worst['T']}), "
+        f"target <= {DEEPSEEK_TARGET_US} us; least speedup vs compiled {slowest_speedup['speedup_vs_compiled']:.1f}x "
+        f"(T={slowest_speedup['T']}), target >= {DEEPSEEK_MIN_SPEEDUP}x: {'MET' if ok else 'NOT MET'}"
+    ]
+
+
+def run_deepseek(args: argparse.Namespace, timing: tuple[int, int, int]) -> tuple[list[dict], list[str]]:
+    header = f"{'case':>30} {'T':>5} | {'fused us':>9} {'compiled us':>11} {'eager us':>9} | {'vs compiled':>11}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, (num_experts, *route) in DEEPSEEK_CASES.items():
+        bias = torch.randn(num_experts, device="cuda", generator=gen) * 0.05
+        for num_tokens in args.deepseek_tokens:
+            torch._dynamo.reset()
+            compiled = torch.compile(deepseek_v3_composite, mode="default", fullgraph=True, dynamic=False)
+            logits = torch.randn(num_tokens, num_experts, device="cuda", generator=gen)
+            check_deepseek_agreement(logits, bias, route, compiled)
+            fused = time_per_call_us(lambda: deepseek_v3_fused(logits, bias, *route), *timing)
+            compiled_us = time_per_call_us(lambda: compiled(logits, bias, *route), *timing)
+            eager = time_per_call_us(lambda: deepseek_v3_composite(logits, bias, *route), *timing)
+            row = {
+                "case": name,
+                "T": num_tokens,
+                "fused_us": round(fused, 3),
+                "compiled_us": round(compiled_us, 3),
+                "eager_us": round(eager, 3),
+                "speedup_vs_compiled": round(compiled_us / fused, 2),
+            }
+            rows.append(row)
+            print(f"{name:>30} {num_tokens:>5} | {fused:>9.2f} {compiled_us:>11.2f} {eager:>9.2f} | "
+                  f"{row['speedup_vs_compiled']:>10.1f}x", flush=True)
+    return rows, deepseek_targets_report(rows)
 
 
 def targets_report(rows: list[dict]) -> list[str]:
@@ -124,6 +262,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--experts", type=int, nargs="+", default=[32, 128, 256])
     parser.add_argument("--topk", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64, 128, 512, 2048, 8192])
+    parser.add_argument("--deepseek-tokens", type=int, nargs="*", default=[1, 8, 32, 64, 128, 512, 2048],
+                        help="token counts of the DeepSeek-V3 table (none: skip it)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--calls-per-graph", type=int, default=50)
     parser.add_argument("--replays-per-sample", type=int, default=5)
@@ -186,11 +326,20 @@ def main(argv: list[str]) -> int:
 
     summary = targets_report(rows)
     write_results(args.out, make_meta(argv, args, launch_floor), rows, summary)
+    method = f"{torch.cuda.get_device_name()}, median of CUDA-graph replays ({args.calls_per_graph} calls a graph)"
+    plot(rows, args.out / "routing.png", f"topk_routing vs softmax-topk-renormalize, {args.dtype} logits\n{method}")
+    print(f"wrote {args.out}/routing.csv, routing.json, routing.png")
+    if args.deepseek_tokens:
+        print()
+        deepseek_rows, deepseek_summary = run_deepseek(args, timing)
+        summary += deepseek_summary
+        write_results(args.out, make_meta(argv, args, launch_floor), deepseek_rows, deepseek_summary, "routing_deepseek")
+        plot_deepseek(deepseek_rows, args.out / "routing_deepseek.png",
+                      f"DeepSeek-V3 routing (sigmoid + bias, fp32 logits)\n{method}")
+        print(f"wrote {args.out}/routing_deepseek.csv, routing_deepseek.json, routing_deepseek.png")
     print()
     for line in summary:
         print(line)
-    plot(rows, args.out / "routing.png", f"topk_routing, {args.dtype} logits, {torch.cuda.get_device_name()}, CUDA-graph replay")
-    print(f"wrote {args.out}/routing.csv, routing.json, routing.png")
     return 0
 
 
@@ -209,13 +358,13 @@ def make_meta(argv: list[str], args: argparse.Namespace, launch_floor: float) ->
     }
 
 
-def write_results(out: Path, meta: dict, rows: list[dict], targets: list[str]) -> None:
+def write_results(out: Path, meta: dict, rows: list[dict], targets: list[str], stem: str = "routing") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "routing.csv", "w", newline="") as f:
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "routing.json").write_text(json.dumps({"meta": meta, "targets": targets, "rows": rows}, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "targets": targets, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
