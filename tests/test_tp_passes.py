@@ -202,3 +202,41 @@ def test_eps_that_is_not_a_constant_is_not_fused(group):
     x, res = torch.randn(5, H), torch.randn(5, H)
     backend, _, _ = compile_and_run(TensorEps(group), x, res, torch.tensor(1e-6), codegen=False)
     assert backend.report.counts["allreduce_rmsnorm"] == 0
+
+
+class ResidualWrittenTwice(torch.nn.Module):
+    """A built-in TP decoder whose layers write each sum twice, as some models do:
+    ``h = norm(x + res); res = x + res``. The graph then holds two identical adds after
+    every all-reduce, one feeding the norm and one the residual stream."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        model = self.model
+        res = model.embed(input_ids)
+        h = model.layers[0].input_norm(res)
+        for i, layer in enumerate(model.layers):
+            x = layer.attn(h)
+            h = layer.post_attn_norm(x + res)
+            res = x + res
+            x = layer.mlp(h)
+            next_norm = model.layers[i + 1].input_norm if i + 1 < len(model.layers) else model.final_norm
+            h = next_norm(x + res)
+            res = x + res
+        return h
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3-moe"])
+def test_a_sum_written_twice_is_one_add_and_still_fuses(name):
+    from fusion_passes.models import build_model, example_inputs
+
+    layers = 2
+    with fake_tp_group(2) as group:
+        model = ResidualWrittenTwice(build_model(name, layers, tp_group=group))
+        (ids,) = example_inputs(model.model, 6)
+        backend, _, graphs = compile_and_run(model, ids, codegen=False)
+    assert_matches(backend.report, allreduce_rmsnorm=2 * layers + 1)
+    functional = torch.ops._c10d_functional
+    assert not [n for g in graphs for n in g.nodes if n.target is functional.all_reduce.default]

@@ -151,6 +151,42 @@ def _sum_guard(node: Node) -> tuple[Node, float] | None:
     return None
 
 
+def is_pure(node) -> bool:
+    """A call of an ATen/prims op that mutates nothing and draws no random numbers."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return True
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
+        return False
+    return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+
+
+def merge_identical_users(node: Node) -> int:
+    """Common-subexpression elimination over ``node``'s users: pure users with the same
+    op and arguments become the earliest of them (e.g. ``h = norm(x + res); res = x + res``
+    writes ``x + res`` twice). Returns how many nodes were merged away."""
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    first: dict = {}
+    merged = 0
+    for user in sorted(node.users, key=order.__getitem__):
+        if not is_pure(user):
+            continue
+        try:
+            key = (user.target, user.args, tuple(sorted(user.kwargs.items())))
+            hash(key)
+        except TypeError:  # an unhashable argument (a list of sizes): compare no further
+            continue
+        if key in first:
+            user.replace_all_uses_with(first[key])
+            node.graph.erase_node(user)
+            merged += 1
+        else:
+            first[key] = user
+    return merged
+
+
 def evaluate_fake(target, args: Sequence, kwargs: dict | None = None):
     """Run ``target`` on the fake values of node arguments to get the new node's value."""
     kwargs = kwargs or {}

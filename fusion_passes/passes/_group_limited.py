@@ -21,13 +21,12 @@ they must compute exactly the top-2 sum (or max) per group and the masked scores
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx import Node
 
-from ._graph import arg, aten, fake, getitem_users, is_call, is_last_dim
+from ._graph import arg, aten, fake, getitem_users, is_call, is_last_dim, is_pure
 
 # The mask and group-score subgraphs are a handful of ops; a walk that grows past this
 # has left them (e.g. it reached back into the model) and is not this pattern.
@@ -43,17 +42,6 @@ class GroupLimited:
     topk_group: int
     group_score: str  # "top2_sum" or "max"
     fill: float  # what the mask writes into dropped groups' experts: -inf or 0.0
-
-
-def _is_pure(node: Node) -> bool:
-    if node.op != "call_function":
-        return False
-    if node.target is operator.getitem:
-        return True
-    target = node.target
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
-        return False
-    return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
 
 
 def _size_hint(value):
@@ -76,7 +64,7 @@ def _subgraph(output: Node, inputs: set[Node]) -> list[Node] | None:
         node = todo.pop()
         if node in seen or node in inputs:
             continue
-        if not _is_pure(node) or len(seen) >= MAX_SUBGRAPH_NODES:
+        if not is_pure(node) or len(seen) >= MAX_SUBGRAPH_NODES:
             return None
         seen.add(node)
         for source in node.all_input_nodes:
@@ -184,7 +172,7 @@ def _group_topks(scores: Node, num_rows) -> list[Node]:
     while todo and len(seen) < MAX_SUBGRAPH_NODES:
         node = todo.pop()
         for user in node.users:
-            if user in seen or not _is_pure(user):
+            if user in seen or not is_pure(user):
                 continue
             seen.add(user)
             if is_call(user, aten.topk.default) and user.args[0] is not scores:

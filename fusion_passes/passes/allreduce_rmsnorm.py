@@ -24,6 +24,10 @@ which are absent for fp32 models):
 The op rounds once; the Hugging Face form rounds twice, so the two may differ by one
 unit in the last place of the output dtype.
 
+Structurally identical users of the all-reduce's result (the same op on the same
+arguments, as ``h = norm(r + res); res = r + res`` writes the add twice) are merged
+into one before matching.
+
 Guard: a sum all-reduce whose result feeds nothing but the residual add (or, with no
 add, the norm and the next residual); a constant eps; a 1-D weight of the hidden
 size; the residual with the reduced tensor's shape and dtype.
@@ -48,6 +52,7 @@ from ._graph import (
     fake,
     insert_multi_output,
     is_call,
+    merge_identical_users,
     reduces_last_dim,
     replace_with,
     rewrite_each,
@@ -179,4 +184,8 @@ def replace(graph: Graph, found: FusionMatch) -> None:
 
 
 def apply(graph: Graph, config: PassConfig) -> int:
-    return rewrite_each(find_allreduces(graph, config), match, lambda found: replace(graph, found))
+    allreduces = find_allreduces(graph, config)
+    for allreduce in allreduces:
+        # A sum written twice (h = norm(r + res); res = r + res) is one add to the pattern.
+        merge_identical_users(allreduce.output)
+    return rewrite_each(allreduces, match, lambda found: replace(graph, found))
