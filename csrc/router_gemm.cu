@@ -575,7 +575,7 @@ int multiprocessor_count(int device) {
 
 // Tile shape (forced shapes aside): the smallest tile that holds up to 16 tokens and
 // whose grid still fits in one CTA an SM (ctas_per_sm CTAs an SM under
-// _router_gemm_set_ctas_per_sm, a benchmark variant; the kernel fits two an SM). Small tiles spread the weight read over more
+// _router_gemm_set_ctas_per_sm, a benchmark variant; two fit an SM at once). Small tiles spread the weight read over more
 // CTAs; but two T tiles read the same weight concurrently (1x2 beat 1x1 by 7-12% at T = 16,
 // E = 128), and once there are more CTAs than SMs, larger tiles win because x and the
 // weight are re-read from L2 fewer times.
@@ -758,11 +758,12 @@ void set_tiles(int64_t m_tiles, int64_t n_tiles) {
 // its last output store. Either is correct (the dependents' griddepcontrol.wait orders them).
 void set_release_at_start(bool enabled) { g_release_at_start.store(enabled); }
 
-// How many CTAs an SM the automatic tile choice may fill (1, default, or 2): with 2,
-// T = 32-128 get the smaller tiles (more CTAs share the weight read, two resident an SM).
-// Tiles never change the result's bits.
+// How many CTAs an SM the automatic tile choice may fill (1, default, 2 or 4): with more,
+// larger T keep the smaller tiles (more CTAs share the weight read; two are resident an
+// SM, so 4 means two waves). Tiles never change the result's bits.
 void set_ctas_per_sm(int64_t ctas) {
-  TORCH_CHECK_VALUE(ctas == 1 || ctas == 2, "router_gemm: ctas_per_sm must be 1 or 2, got ", std::to_string(ctas));
+  TORCH_CHECK_VALUE(ctas == 1 || ctas == 2 || ctas == 4, "router_gemm: ctas_per_sm must be 1, 2 or 4, got ",
+                    std::to_string(ctas));
   g_ctas_per_sm.store(static_cast<int>(ctas));
 }
 

@@ -532,6 +532,24 @@ def test_weight_loads_before_wait_give_the_same_bits():
         OPS._router_gemm_set_weight_loads_before_wait(False)
 
 
+@pytest.mark.parametrize("shape", [(2880, 128), (2048, 128), (7168, 256)], ids=lambda s: f"H{s[0]}xE{s[1]}")
+def test_bench_variants_give_the_same_bits(shape):
+    """The release point and the tile rule's CTAs an SM change timing only."""
+    hidden, experts = shape
+    seed = _seed()
+    OPS._router_gemm_set_max_tokens(ALL_TOKENS_TO_KERNEL)
+    for tokens in (1, 16, 64, 128, 256):
+        x, w, b = _inputs(tokens, hidden, experts, torch.bfloat16, True, seed + tokens)
+        default = _call(x, w, b)
+        for release_at_start, ctas_per_sm in ((False, 1), (True, 2), (True, 4)):
+            OPS._router_gemm_set_release_at_start(release_at_start)
+            OPS._router_gemm_set_ctas_per_sm(ctas_per_sm)
+            context = f"T={tokens} release_at_start={release_at_start} ctas_per_sm={ctas_per_sm} seed={seed}"
+            _assert_bitwise(_call(x, w, b), default, context)
+    with pytest.raises(ValueError, match="ctas_per_sm must be 1, 2 or 4"):
+        OPS._router_gemm_set_ctas_per_sm(3)
+
+
 # ------------------------------------------------------- compute-sanitizer workload
 
 

@@ -13,8 +13,8 @@ Per (H x E shape, T) it times, in CUDA-graph replay:
 With ``--routing``, a second table in the acceptance method of issue 15 (one weight, 4
 rotating inputs, 50 calls per CUDA graph, median of 20 replays), every column of a row in
 the same run: the router GEMM (as shipped, and the kernel variants: release of the
-dependents after the last store instead of at the start, tiles filling 2 CTAs an SM, weight
-loads before griddepcontrol.wait), cuBLAS, and the router + routing of the shape's model:
+dependents after the last store instead of at the start, the tile rule filling 2 or 4 CTAs
+an SM, weight loads before griddepcontrol.wait), cuBLAS, and the router + routing of the shape's model:
 ``fusion_passes::router_routing``, our two ops one after the other, and stock Inductor's
 compiled F.linear + routing (softmax top-k for the gpt-oss/Qwen shapes, DeepSeek-V3's
 grouped sigmoid top-8 for 7168x256). Writes ``router_routing.json``.
@@ -61,7 +61,8 @@ MODEL_NAMES = {(2880, 32): "gpt-oss-20b", (2880, 128): "gpt-oss-120b", (2048, 12
 GEMM_VARIANTS = {
     "ours": (True, 1, False),
     "release_after_store": (False, 1, False),
-    "two_ctas_per_sm": (True, 2, False),
+    "tiles_2_ctas_per_sm": (True, 2, False),
+    "tiles_4_ctas_per_sm": (True, 4, False),
     "early_weight_loads": (True, 1, True),
 }
 
