@@ -355,6 +355,12 @@ std::tuple<at::Tensor, at::Tensor> topk_routing_cuda(const at::Tensor& logits, i
       !grouped || (num_experts <= kMaxExperts && n_group <= kMaxGroups &&
                    lanes_per_group(static_cast<int>(num_experts), static_cast<int>(n_group)) > 0);
   if (!logits_in_scope || !bias_in_scope || num_experts > kMaxExperts || k > kMaxK || !groups_in_scope) {
+    // One std::string argument: c10::str passes it through without an ostream (see above).
+    const std::string note =
+        "fusion_passes::topk_routing: an input outside the CUDA kernel's scope (E > 512, k > 32, a logit dtype "
+        "other than fp32/bf16/fp16, or groups that are not a power of two of whole lanes) runs the ATen "
+        "composite of the reference: correct, slower.";
+    TORCH_WARN_ONCE(note);
     return topk_routing_composite(logits, k, sigmoid, renormalize, correction_bias, n_group, topk_group, group_max);
   }
 
