@@ -16,6 +16,9 @@
 //    all ranks agree bitwise; remote reads are (W-1)/W of one-shot's for the reduction, plus a
 //    gather of r.
 //  * kLocal: x already holds r (the NCCL path: NCCL all-reduce, then this kernel for add+norm).
+//    Bandwidth-bound at large T, so it has its own kernel, add_rmsnorm_rows_kernel (row groups
+//    of a few warps, no block-wide barrier, launched with PDL); the one-block-a-row form of the
+//    shared kernel stays selectable (set_local_layout) until the benchmark has chosen.
 //
 // Synchronization, without multicast (not available on these machines):
 //  * Rows map to blocks the same way on every rank (same T, same grid), so block b only ever
@@ -48,6 +51,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -163,6 +167,14 @@ __device__ __forceinline__ void load_weight(const Params& p, int chunk, float* w
   }
 }
 
+// PDL (DESIGN.md): every CTA waits for the grids before it, before it reads anything; a
+// dependent grid may be released at any time, since its own wait orders it after this grid.
+__device__ __forceinline__ void wait_for_prior_grids() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+__device__ __forceinline__ void release_dependent_grids() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 // ------------------------------------------------------------------------------ barrier
 
 __device__ __forceinline__ uint64_t global_ns() {
@@ -242,6 +254,7 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
     return p.buffers[r] + (epoch & 1u) * p.half_bytes + (static_cast<int64_t>(p.tokens) + row) * row_bytes;
   };
   const char* x = static_cast<const char*>(p.x);
+  wait_for_prior_grids();  // PDL contract: nothing is read before it (a no-op unless launched with PDL)
 
   if constexpr (M != Mode::kLocal) {
     if (threadIdx.x == 0) epoch = *reinterpret_cast<volatile unsigned int*>(&p.counters[0]);
@@ -378,6 +391,120 @@ __global__ void __launch_bounds__(kMaxThreads) allreduce_rmsnorm_kernel(Params p
   }
 }
 
+// ------------------------------------------------------ kLocal: add + RMSNorm of many rows
+// The NCCL path's kernel (x already reduced) is a stream: it reads x, the residual and the
+// weight and writes out and residual_out, so its time is DRAM bandwidth once T is large and
+// one load latency when T is small. A row belongs to a group of `warps_per_row` warps (one
+// warp for rows up to 32 * kChunks chunks), each lane holding kChunks 16-byte chunks of it:
+// every load of a row is issued before the first use, h stays packed in registers, the sum of
+// squares is reduced by shuffles (and, for several warps, one named barrier of those warps
+// alone, through a double-buffered shared array), and no other barrier exists. A block holds
+// several row groups; a grid of at most as many blocks as are resident walks the rows.
+// Lane l of warp w in a group holds chunks (w * kChunks + j) * 32 + l: each load instruction
+// of a warp reads 512 contiguous bytes, at a constant offset from the previous one.
+
+constexpr int kRowGroupBlockThreads = 256;  // blocks of one-warp to eight-warp row groups
+constexpr int kWideLaneChunks = 8;          // up to this many chunks a lane (at most 128 registers,
+constexpr int kWideBlockThreads = 512;      // ptxas -v), groups of up to 16 warps: 64 KiB rows
+
+template <int kChunks>
+constexpr int row_group_max_threads() {
+  return kChunks <= kWideLaneChunks ? kWideBlockThreads : kRowGroupBlockThreads;
+}
+
+// Makes v opaque to the compiler, so that h lives in registers as 4 packed words a chunk and
+// is widened again where used, instead of as kPerChunk floats (twice the registers in bf16).
+__device__ __forceinline__ void keep_packed(uint4& v) {
+  asm volatile("" : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w));
+}
+
+template <typename T, int kChunks>
+__global__ void __launch_bounds__(row_group_max_threads<kChunks>()) add_rmsnorm_rows_kernel(Params p, int warps_per_row) {
+  constexpr int kN = Elem<T>::kPerChunk;
+  __shared__ float warp_sums[2][kMaxThreads / 32];  // [row parity][warp of the block]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int groups_per_block = blockDim.x / 32 / warps_per_row;
+  const int group = warp / warps_per_row, warp_in_row = warp % warps_per_row;
+  const int chunks = p.hidden / kN;
+  const int64_t row_bytes = static_cast<int64_t>(p.hidden) * sizeof(T);
+  const bool weight_packed = p.weight_dtype == Elem<T>::kCode;
+  const int first_chunk = warp_in_row * kChunks * 32 + lane;  // chunk j: 512 * j bytes further
+
+  wait_for_prior_grids();
+  release_dependent_grids();  // the dependents' own wait still orders them after this grid
+  int parity = 0;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * groups_per_block + group; row < p.tokens;
+       row += static_cast<int64_t>(gridDim.x) * groups_per_block) {
+    const char* x_row = static_cast<const char*>(p.x) + row * row_bytes;
+    const char* residual_row = static_cast<const char*>(p.residual) + row * row_bytes;
+    char* residual_out_row = static_cast<char*>(p.residual_out) + row * row_bytes;
+    char* out_row = static_cast<char*>(p.out) + row * row_bytes;
+    Chunk<T> h[kChunks], res[kChunks];
+#pragma unroll
+    for (int j = 0; j < kChunks; ++j) {  // every load of the row in flight at once
+      const int c = first_chunk + j * 32;
+      if (c < chunks) {
+        h[j].raw = load_local(x_row + c * 16);
+        if (p.residual != nullptr) res[j].raw = load_local(residual_row + c * 16);
+      }
+    }
+    float squares[kN] = {};  // one sum per element slot: kChunks-long chains, not kChunks * kN
+#pragma unroll
+    for (int j = 0; j < kChunks; ++j) {
+      const int c = first_chunk + j * 32;
+      if (c < chunks) {
+        float f[kN];
+        chunk_to_float(h[j], f);
+        if (p.residual != nullptr) {
+          float r[kN];
+          chunk_to_float(res[j], r);
+#pragma unroll
+          for (int i = 0; i < kN; ++i) f[i] += r[i];
+        }
+        h[j] = chunk_from_float<T>(f);
+        store(residual_out_row + c * 16, h[j].raw);
+        keep_packed(h[j].raw);
+        chunk_to_float(h[j], f);
+#pragma unroll
+        for (int i = 0; i < kN; ++i) squares[i] += f[i] * f[i];
+      }
+    }
+#pragma unroll
+    for (int width = kN / 2; width > 0; width /= 2)
+#pragma unroll
+      for (int i = 0; i < width; ++i) squares[i] += squares[i + width];
+    float total = squares[0];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) total += __shfl_xor_sync(0xffffffffu, total, offset);
+    if (warps_per_row > 1) {  // the group's warps in order; the parity keeps row i+1 off row i's sums
+      if (lane == 0) warp_sums[parity][warp] = total;
+      asm volatile("bar.sync %0, %1;" ::"r"(group + 1), "r"(warps_per_row * 32) : "memory");
+      total = 0.f;
+      for (int w = 0; w < warps_per_row; ++w) total += warp_sums[parity][group * warps_per_row + w];
+      parity ^= 1;
+    }
+    const float inv_rms = rsqrtf(total / static_cast<float>(p.hidden) + p.eps);
+#pragma unroll
+    for (int j = 0; j < kChunks; ++j) {
+      const int c = first_chunk + j * 32;
+      if (c < chunks) {
+        float f[kN], w[kN];
+        if (weight_packed) {  // an L1 hit after the first row; a coherent load, so that it is
+          Chunk<T> packed;    // not hoisted out of the row loop into kChunks * 4 more registers
+          packed.raw = load_local(static_cast<const char*>(p.weight) + c * 16);
+          chunk_to_float(packed, w);
+        } else {
+          load_weight<T>(p, c, w);
+        }
+        chunk_to_float(h[j], f);
+#pragma unroll
+        for (int i = 0; i < kN; ++i) f[i] = f[i] * inv_rms * w[i];
+        store(out_row + c * 16, chunk_from_float<T>(f).raw);
+      }
+    }
+  }
+}
+
 // -------------------------------------------------------------------------------- host
 
 // Few rows are latency: as few chunks a thread as the widest block allows. Many rows in the
@@ -394,6 +521,90 @@ int threads_for(int chunks, int64_t rows) {
       rows >= kManyRows ? std::max(kManyRowsChunksPerThread, few_rows_per_thread) : few_rows_per_thread;
   int threads = std::min((chunks + per_thread - 1) / per_thread, kMaxThreads);
   return ((threads + 31) / 32) * 32;
+}
+
+// kLocal's layout. chunks_per_lane = 0: the block-a-row kernel above (one block a row, a block
+// reduction); otherwise add_rmsnorm_rows_kernel with row groups of as few warps as keep a lane
+// at most that many chunks. persistent: at most as many blocks as are resident at once, each
+// walking rows (else one block a group of rows). pdl: launched with programmatic stream
+// serialization. Set only by the benchmark and the tests, to compare layouts in one run.
+struct LocalLayout {
+  int chunks_per_lane = 8;
+  bool persistent = true;
+  bool pdl = true;
+};
+std::atomic<int> g_local_chunks_per_lane{LocalLayout{}.chunks_per_lane};
+std::atomic<bool> g_local_persistent{LocalLayout{}.persistent};
+std::atomic<bool> g_local_pdl{LocalLayout{}.pdl};
+
+constexpr int kLaneChunkKernels[] = {1, 2, 3, 4, 6, 8, 12, 16};  // instantiated chunks a lane
+
+template <typename Kernel>
+void launch_rows(Kernel kernel, int64_t row_groups, int threads, bool persistent, bool pdl, const Params& p,
+                 int warps_per_row, cudaStream_t stream) {
+  int64_t grid = row_groups;
+  if (persistent) {
+    int resident = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, 0));
+    int device = 0, sms = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    grid = std::min<int64_t>(grid, static_cast<int64_t>(std::max(resident, 1)) * sms);
+  }
+  grid = std::min<int64_t>(grid, INT32_MAX);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(threads);
+  config.stream = stream;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, warps_per_row));
+}
+
+template <typename T>
+void launch_local_rows(int max_chunks_per_lane, bool persistent, bool pdl, const Params& p, cudaStream_t stream) {
+  const int chunks = p.hidden / Elem<T>::kPerChunk;
+  auto warps_for = [&](int lane_chunks) {
+    int warps = 1;
+    while (warps * 32 * lane_chunks < chunks) warps *= 2;
+    return warps;
+  };
+  int warps_per_row = warps_for(max_chunks_per_lane);
+  while (warps_per_row * 32 > kWideBlockThreads) {  // a row too long for that few chunks a lane
+    max_chunks_per_lane *= 2;
+    warps_per_row = warps_for(max_chunks_per_lane);
+  }
+  const int needed = (chunks + warps_per_row * 32 - 1) / (warps_per_row * 32);
+  const int threads = std::max(kRowGroupBlockThreads, warps_per_row * 32);
+  const int64_t groups_per_block = threads / 32 / warps_per_row;
+  const int64_t row_groups = (p.tokens + groups_per_block - 1) / groups_per_block;
+  int lane_chunks = 0;
+  for (int k : kLaneChunkKernels) {
+    if (k >= needed) {
+      lane_chunks = k;
+      break;
+    }
+  }
+  switch (lane_chunks) {
+#define FUSION_PASSES_LANE_CHUNKS(K)                                                                                 \
+  case K:                                                                                                            \
+    launch_rows(add_rmsnorm_rows_kernel<T, K>, row_groups, threads, persistent, pdl, p, warps_per_row, stream); \
+    break;
+    FUSION_PASSES_LANE_CHUNKS(1)
+    FUSION_PASSES_LANE_CHUNKS(2)
+    FUSION_PASSES_LANE_CHUNKS(3)
+    FUSION_PASSES_LANE_CHUNKS(4)
+    FUSION_PASSES_LANE_CHUNKS(6)
+    FUSION_PASSES_LANE_CHUNKS(8)
+    FUSION_PASSES_LANE_CHUNKS(12)
+    FUSION_PASSES_LANE_CHUNKS(16)
+#undef FUSION_PASSES_LANE_CHUNKS
+    default:
+      TORCH_CHECK(false, "fused_add_rmsnorm: no kernel for ", needed, " chunks a lane");
+  }
 }
 
 template <typename T, Mode M>
@@ -486,6 +697,23 @@ void dispatch(Mode mode, int world, int grid, const at::Tensor& x, const Params&
   const int chunks = static_cast<int>(p.hidden * x.element_size() / 16);
   const int threads = threads_for(chunks, mode == Mode::kLocal ? p.tokens : 0);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const int local_chunks_per_lane = g_local_chunks_per_lane.load(std::memory_order_relaxed);
+  if (mode == Mode::kLocal && local_chunks_per_lane > 0) {
+    const bool persistent = g_local_persistent.load(std::memory_order_relaxed);
+    const bool pdl = g_local_pdl.load(std::memory_order_relaxed);
+    switch (x.scalar_type()) {
+      case at::kFloat:
+        launch_local_rows<float>(local_chunks_per_lane, persistent, pdl, p, stream);
+        break;
+      case at::kBFloat16:
+        launch_local_rows<__nv_bfloat16>(local_chunks_per_lane, persistent, pdl, p, stream);
+        break;
+      default:
+        launch_local_rows<__half>(local_chunks_per_lane, persistent, pdl, p, stream);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   switch (x.scalar_type()) {
     case at::kFloat:
       launch<float>(mode, world, grid, threads, p, stream);
@@ -557,6 +785,21 @@ void symm_allreduce_rmsnorm(const at::Tensor& x, const std::optional<at::Tensor>
 
 int64_t signal_pad_bytes_needed() { return kSignalPadBytesNeeded; }
 
+void set_local_layout(int64_t chunks_per_lane, bool persistent, bool pdl) {
+  TORCH_CHECK_VALUE(chunks_per_lane == 0 || chunks_per_lane == 2 || chunks_per_lane == 4 || chunks_per_lane == 8 ||
+                        chunks_per_lane == 16,
+                    "fused_add_rmsnorm: chunks_per_lane must be 0 (one block a row), 2, 4, 8 or 16, got ",
+                    std::to_string(chunks_per_lane));
+  g_local_chunks_per_lane.store(static_cast<int>(chunks_per_lane));
+  g_local_persistent.store(persistent);
+  g_local_pdl.store(pdl);
+}
+
+void reset_local_layout() {
+  const LocalLayout shipped;
+  set_local_layout(shipped.chunks_per_lane, shipped.persistent, shipped.pdl);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fusion_passes, m) {
@@ -569,6 +812,8 @@ TORCH_LIBRARY_FRAGMENT(fusion_passes, m) {
       "int signal_pad_bytes, int rank, int world_size, Tensor(c!) counters, int algorithm, int max_blocks, "
       "float timeout_s) -> ()");
   m.def("_symm_allreduce_signal_pad_bytes() -> int", &signal_pad_bytes_needed);
+  m.def("_fused_add_rmsnorm_set_layout(int chunks_per_lane, bool persistent, bool pdl) -> ()", &set_local_layout);
+  m.def("_fused_add_rmsnorm_reset_layout() -> ()", &reset_local_layout);
 }
 
 TORCH_LIBRARY_IMPL(fusion_passes, CUDA, m) {

@@ -18,6 +18,10 @@ from ``PassConfig.allreduce_max_tokens`` (default 512); it bounds the symmetric-
 
 ``FUSION_PASSES_ALLREDUCE_TIMEOUT_S`` (default 60) bounds how long a rank waits for its peers
 inside the kernel; a peer that disagrees on the call or never comes is reported, not waited on.
+
+Imports: this module needs ``ops`` (the argument checks, the composite) and ``kernels`` (loaded
+on the first call); neither imports it. The package's ``__init__`` imports it, which registers
+``fused_allreduce_rmsnorm_cuda`` for the CUDA dispatch key.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from . import ops
+from . import kernels, ops
 
 ONE_SHOT, TWO_SHOT, NCCL = "one_shot", "two_shot", "nccl"
 ALGORITHMS = (ONE_SHOT, TWO_SHOT, NCCL)
@@ -149,6 +153,15 @@ def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+def _kernels_loaded() -> bool:
+    """Load the kernels once (building them if needed); without them the op runs its
+    reference's arithmetic, with the same one-time warning as the other ops."""
+    if kernels.load() and kernels.has_cuda_kernel("_fused_add_rmsnorm"):
+        return True
+    ops._warn_reference_on_cuda("fused_allreduce_rmsnorm")
+    return False
+
+
 def fused_allreduce_rmsnorm_cuda(x, residual, weight, eps, group_name, algorithm: str | None = None):
     """The op on CUDA tensors. ``algorithm`` forces a path (tests and benchmarks); by default
     it is chosen by size."""
@@ -157,7 +170,7 @@ def fused_allreduce_rmsnorm_cuda(x, residual, weight, eps, group_name, algorithm
     x2d = _aligned(x.reshape(-1, hidden))
     res2d = _aligned(None if residual is None else residual.reshape(-1, hidden))
     weight = weight.contiguous()
-    if not kernels_take(x):
+    if not kernels_take(x) or not _kernels_loaded():
         return ops.fused_allreduce_rmsnorm_composite(x, residual, weight, eps, group_name)
     from torch.distributed.distributed_c10d import _resolve_process_group
 
@@ -200,12 +213,7 @@ def fused_allreduce_rmsnorm_cuda(x, residual, weight, eps, group_name, algorithm
     return out.view(x.shape), residual_out.view(x.shape)
 
 
-def register() -> None:
-    """Make this the op's CUDA implementation (called once the kernels are loaded)."""
-    global _impl_lib
-    if _impl_lib is None:
-        _impl_lib = torch.library.Library(ops.NAMESPACE, "IMPL")
-        _impl_lib.impl("fused_allreduce_rmsnorm", fused_allreduce_rmsnorm_cuda, "CUDA")
-
-
-_impl_lib: torch.library.Library | None = None
+# The op's CUDA implementation, registered when the package imports this module (whether or
+# not the kernels can be built: without them it runs the reference's arithmetic).
+_impl_lib = torch.library.Library(ops.NAMESPACE, "IMPL")
+_impl_lib.impl("fused_allreduce_rmsnorm", fused_allreduce_rmsnorm_cuda, "CUDA")

@@ -5,7 +5,10 @@ time with ``fusion-passes build``) by ``torch.utils.cpp_extension.load``, which
 caches the build under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
 and rebuilds only when a source changes. The extension registers its kernels for
 the ``fusion_passes`` ops under the CUDA dispatch key (``TORCH_LIBRARY_IMPL`` in each
-``csrc/*.cu``), so loading it is all it takes for the ops to use them.
+``csrc/*.cu``), so loading it is all it takes for the ops to use them. This module only
+loads: it imports nothing else of the package. (``fused_allreduce_rmsnorm``'s CUDA
+implementation is Python around the kernels; ``fusion_passes.fused_allreduce`` registers it
+when the package is imported, and it loads the kernels on its first call.)
 
 ``FUSION_PASSES_KERNELS=0`` keeps the kernels off (the ops then run their references).
 A CPU-only install never compiles anything.
@@ -71,8 +74,8 @@ def load(verbose: bool = False) -> bool:
             return False
         from torch.utils.cpp_extension import load as load_extension
 
-        from . import ops  # noqa: F401  (the op schemas must exist before the kernels register)
-
+        # The op schemas exist already: importing this module imported the package, whose
+        # __init__ imports ops (and fused_allreduce, the all-reduce op's CUDA runtime).
         try:
             load_extension(
                 name=EXTENSION_NAME,
@@ -83,9 +86,6 @@ def load(verbose: bool = False) -> bool:
                 is_python_module=False,
                 verbose=verbose,
             )
-            from . import fused_allreduce
-
-            fused_allreduce.register()  # the all-reduce op's CUDA path is Python around the kernels
             _loaded = True
         except Exception as exc:  # a failed build must not break the reference path
             _error = f"{type(exc).__name__}: {exc}"

@@ -262,10 +262,8 @@ def resolve_group_size(group_name: str) -> int:
 def fused_allreduce_rmsnorm_reference(x, residual, weight, eps, group_name):
     """r = sum of x over the group; h = r + residual (or r), in x's dtype;
     out = h * rsqrt(mean(h^2, -1) + eps) * weight in fp32, rounded once to x's dtype;
-    returns (out, h)."""
+    returns (out, h). (CUDA tensors go to fusion_passes.fused_allreduce's implementation.)"""
     check_fused_allreduce_rmsnorm_args(x, residual, weight)
-    if _cuda_kernel_loaded("fused_allreduce_rmsnorm", x):
-        return torch.ops.fusion_passes.fused_allreduce_rmsnorm(x, residual, weight, eps, group_name)
     return fused_allreduce_rmsnorm_composite(x, residual, weight, eps, group_name)
 
 

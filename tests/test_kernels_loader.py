@@ -35,3 +35,19 @@ def test_build_command_explains_itself(capsys):
 
 def test_router_threshold_setting_is_a_no_op_without_kernels():
     kernels.set_router_gemm_max_tokens(64)  # must not raise
+
+
+def test_loading_registers_nothing_the_package_import_did_not():
+    # fused_allreduce_rmsnorm's CUDA implementation (Python around the kernels) is registered
+    # by importing the package, not by the loader: the loader only loads.
+    assert kernels.has_cuda_kernel("fused_allreduce_rmsnorm")
+    assert kernels.load() is False
+
+
+def test_the_loader_imports_no_other_module_of_the_package():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(kernels))
+    relative = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level > 0]
+    assert relative == [], "kernels.py must not import the package's modules (import circle)"

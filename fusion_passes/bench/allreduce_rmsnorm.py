@@ -3,6 +3,11 @@ what a model runs without it, on the GPUs of one host, in CUDA-graph replay.
 
     fusion-passes bench allreduce-rmsnorm [--nproc 2] [--hidden 2880] [--tokens 1,8,...] \\
         [--decode-steps] [--out DIR]
+    fusion-passes bench allreduce-rmsnorm --local-norm [--hidden 2880,4096,7168] \
+        [--dtypes bf16,fp32] [--layouts rows8_persistent_pdl,block_per_row,...]
+
+``--local-norm`` times, on one GPU, only the NCCL path's add + RMSNorm kernel, in each of the
+``--layouts`` (LOCAL_LAYOUTS), against Inductor's compiled add + RMSNorm, in one timing loop.
 
 It starts itself under torchrun with ``--nproc`` processes unless already launched by it. Keep
 ``NCCL_NVLS_ENABLE=0`` and ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` set where multicast must stay
@@ -19,6 +24,7 @@ the median µs per call of the slower rank:
     nccl+norm             NCCL all-reduce (c10d functional) + Inductor's compiled add + RMSNorm
     symm_one_shot+norm    torch symmetric memory one_shot_all_reduce + the same compiled norm
     symm_two_shot+norm    torch symmetric memory two_shot_all_reduce_ (in place) + that norm
+    symm_two_shot+fused_norm  the same two-shot + the NCCL path's add + RMSNorm kernel
 
 ``--decode-steps`` also times whole decode steps of the tensor-parallel built-in gpt-oss
 (4 layers, H=2880, E=32, top-4, bf16) for T = 1..64, stock Inductor against fusion_passes.
@@ -115,12 +121,20 @@ def measure_ops(hidden: int, tokens: list[int], group_name: str) -> list[dict]:
             torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", group_name)
             return norm(staged, residual, weight)
 
+        out, residual_out = torch.empty_like(x), torch.empty_like(x)
+
+        def symm_two_shot_fused_norm():  # a candidate large-T path (docs/notes/allreduce_rmsnorm.md)
+            staged.copy_(x)
+            torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", group_name)
+            torch.ops.fusion_passes._fused_add_rmsnorm(staged, residual, weight, EPS, out, residual_out)
+
         variants = {
             "fused": fused(),
             "fused_nccl": fused(fused_allreduce.NCCL),
             "nccl+norm": nccl_norm,
             "symm_one_shot+norm": symm_one_shot_norm,
             "symm_two_shot+norm": symm_two_shot_norm,
+            "symm_two_shot+fused_norm": symm_two_shot_fused_norm,
         }
         for algorithm in (fused_allreduce.ONE_SHOT, fused_allreduce.TWO_SHOT):
             if ws is not None and ws.fits(x, algorithm):
@@ -181,29 +195,60 @@ def measure_decode_steps(tokens: list[int], group: dist.ProcessGroup) -> list[di
     return rows
 
 
-def measure_local_norm(hidden: int, tokens: list[int]) -> list[dict]:
-    """One GPU: the NCCL path's add + RMSNorm kernel against Inductor's compiled add + RMSNorm,
-    on an input that is already reduced (what follows NCCL in both)."""
-    from fusion_passes.bench._timing import graph_time_per_call_us
+# Layouts of the NCCL path's add + RMSNorm kernel that --local-norm can compare, as
+# (chunks a lane, persistent grid, PDL launch); chunks 0 is the one-block-a-row kernel
+# (csrc/allreduce_rmsnorm.cu, `set_local_layout`). The first is the shipped default.
+LOCAL_LAYOUTS = {
+    "rows8_persistent_pdl": (8, True, True),
+    "block_per_row": (0, False, False),
+    "rows16_persistent_pdl": (16, True, True),
+    "rows4_persistent_pdl": (4, True, True),
+    "rows2_persistent_pdl": (2, True, True),
+    "rows8_persistent": (8, True, False),
+    "rows8_pdl": (8, False, True),
+    "rows2_pdl": (2, False, True),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
-    weight = torch.randn(hidden, dtype=torch.bfloat16, device="cuda")
-    rows = []
-    for t in tokens:
-        torch._dynamo.reset()
-        norm = _compiled_add_rmsnorm()
-        reduced, residual = torch.randn(2, t, hidden, dtype=torch.bfloat16, device="cuda")
-        out, residual_out = torch.empty_like(reduced), torch.empty_like(reduced)
 
-        def kernel():
+def measure_local_norm(hiddens: list[int], dtypes: list[str], tokens: list[int], layouts: list[str]) -> list[dict]:
+    """One GPU: the NCCL path's add + RMSNorm kernel (in each layout) against Inductor's compiled
+    add + RMSNorm, on an input that is already reduced (what follows NCCL in both). The variants'
+    samples alternate within one timing call, so they see the same clocks."""
+    from fusion_passes.bench._timing import graph_times_us
+
+    def kernel(layout, reduced, residual, weight, out, residual_out):
+        def call():
+            torch.ops.fusion_passes._fused_add_rmsnorm_set_layout(*LOCAL_LAYOUTS[layout])
             torch.ops.fusion_passes._fused_add_rmsnorm(reduced, residual, weight, EPS, out, residual_out)
 
-        row = {"T": t, "H": hidden}
-        row["fused_add_rmsnorm_us"] = graph_time_per_call_us(kernel, CALLS_PER_GRAPH, 4, 9)
-        row["inductor_add_rmsnorm_us"] = graph_time_per_call_us(
-            lambda: norm(reduced, residual, weight), CALLS_PER_GRAPH, 4, 9
-        )
-        rows.append(row)
-        print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        return call
+
+    rows = []
+    try:
+        for dtype_name in dtypes:
+            for hidden in hiddens:
+                dtype = DTYPES[dtype_name]
+                weight = torch.randn(hidden, dtype=dtype, device="cuda")
+                for t in tokens:
+                    torch._dynamo.reset()
+                    norm = _compiled_add_rmsnorm()
+                    reduced, residual = torch.randn(2, t, hidden, dtype=dtype, device="cuda")
+                    out, residual_out = torch.empty_like(reduced), torch.empty_like(reduced)
+                    variants = {name: kernel(name, reduced, residual, weight, out, residual_out) for name in layouts}
+                    variants["inductor"] = lambda: norm(reduced, residual, weight)
+                    times = graph_times_us(variants, CALLS_PER_GRAPH, 4, 9)
+                    row = {"T": t, "H": hidden, "dtype": dtype_name, "inductor_add_rmsnorm_us": times["inductor"]}
+                    for name in layouts:
+                        row[f"{name}_us"] = times[name]
+                        row[f"{name}_vs_inductor"] = times[name] / times["inductor"]
+                    rows.append(row)
+                    print(
+                        " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                        flush=True,
+                    )
+    finally:
+        torch.ops.fusion_passes._fused_add_rmsnorm_reset_layout()
     return rows
 
 
@@ -220,24 +265,51 @@ def targets_report(rows: list[dict]) -> list[str]:
     return lines
 
 
+# The plot's series: the op first (drawn last, on top), then what a model runs without it.
+PLOT_SERIES = {
+    "fused": "fused all-reduce + RMSNorm (this op, its own path choice)",
+    "fused_one_shot": "this op, one-shot path forced",
+    "fused_two_shot": "this op, two-shot path forced",
+    "fused_nccl": "this op, NCCL path forced (NCCL + fused add-norm)",
+    "nccl+norm": "NCCL all-reduce + Inductor add + RMSNorm (baseline)",
+    "symm_one_shot+norm": "torch symm-mem one-shot + Inductor norm",
+    "symm_two_shot+norm": "torch symm-mem two-shot + Inductor norm",
+    "symm_two_shot+fused_norm": "torch symm-mem two-shot + this op's add-norm kernel",
+}
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [k for k in rows[0] if k.startswith(("fused", "nccl", "symm"))]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name in names:
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    headline = ("fused", "nccl+norm")
+    # Secondary series first, thin and dashed; the op and the baseline last, thick, on top.
+    for name in [n for n in PLOT_SERIES if n not in headline] + list(headline):
         points = [(row["T"], row[name]) for row in rows if name in row]
-        ax.plot(*zip(*points), marker="o", label=name, linewidth=2.5 if name == "fused" else 1.2)
+        if not points:
+            continue
+        is_headline = name in headline
+        ax.plot(
+            *zip(*points),
+            marker="o" if is_headline else ".",
+            markersize=6 if is_headline else 4,
+            linewidth=2.8 if is_headline else 1.0,
+            alpha=1.0 if is_headline else 0.6,
+            linestyle="-" if is_headline else "--",
+            color={"fused": "tab:red", "nccl+norm": "black"}.get(name),
+            zorder=3 if is_headline else 2,
+            label=PLOT_SERIES[name],
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("tokens T")
-    ax.set_ylabel("µs per call (CUDA-graph replay, slower rank)")
+    ax.set_xlabel("tokens T (rows of x)")
+    ax.set_ylabel("µs per call (lower is better)")
     ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -249,7 +321,13 @@ def main(argv: list[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=2880)
+    parser.add_argument("--hidden", default="2880", help="hidden size(s), comma-separated (several: --local-norm only)")
+    parser.add_argument("--dtypes", default="bf16", help="--local-norm: dtypes of x, comma-separated (bf16, fp32, fp16)")
+    parser.add_argument(
+        "--layouts",
+        default=next(iter(LOCAL_LAYOUTS)),
+        help=f"--local-norm: kernel layouts to compare, comma-separated, from {', '.join(LOCAL_LAYOUTS)}",
+    )
     parser.add_argument("--tokens", default=DEFAULT_TOKENS)
     parser.add_argument("--decode-steps", action="store_true", help="also time TP gpt-oss decode steps")
     parser.add_argument("--decode-tokens", default=DECODE_TOKENS)
@@ -262,13 +340,28 @@ def main(argv: list[str]) -> int:
 
         if not kernels.load():
             raise SystemExit(f"the CUDA kernels did not load: {kernels.load_error()}")
-        rows = measure_local_norm(args.hidden, [int(t) for t in args.tokens.split(",")])
+        layouts = args.layouts.split(",")
+        unknown = [name for name in layouts if name not in LOCAL_LAYOUTS]
+        if unknown:
+            raise SystemExit(f"unknown --layouts {unknown}; known: {', '.join(LOCAL_LAYOUTS)}")
+        rows = measure_local_norm(
+            [int(h) for h in args.hidden.split(",")],
+            args.dtypes.split(","),
+            [int(t) for t in args.tokens.split(",")],
+            layouts,
+        )
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "local_norm.json").write_text(
             json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "rows": rows}, indent=2)
         )
         return 0
+    if "," in args.hidden:
+        raise SystemExit("--hidden takes one size without --local-norm")
+    hidden = int(args.hidden)
     if "LOCAL_RANK" not in os.environ:
+        if torch.cuda.device_count() < args.nproc:
+            print(f"bench allreduce-rmsnorm: needs {args.nproc} CUDA GPUs (--nproc), found {torch.cuda.device_count()}", file=sys.stderr)
+            return 2
         return _relaunch_under_torchrun(args.nproc, argv)
 
     from fusion_passes import kernels
@@ -287,7 +380,7 @@ def main(argv: list[str]) -> int:
         }
     }
     if not args.skip_ops:
-        rows = measure_ops(args.hidden, [int(t) for t in args.tokens.split(",")], group.group_name)
+        rows = measure_ops(hidden, [int(t) for t in args.tokens.split(",")], group.group_name)
         results["ops"] = rows
         results["targets"] = targets_report(rows)
     if args.decode_steps:
@@ -298,8 +391,8 @@ def main(argv: list[str]) -> int:
         if "ops" in results:
             print("\n".join(results["targets"]))
             title = (
-                f"all-reduce + add + RMSNorm, H={args.hidden} bf16, {dist.get_world_size()} x "
-                f"{torch.cuda.get_device_name()}"
+                f"All-reduce + residual add + RMSNorm, x [T, {hidden}] bf16, {dist.get_world_size()} x "
+                f"{torch.cuda.get_device_name()}\nCUDA-graph replay of {CALLS_PER_GRAPH} calls, median, slower rank"
             )
             plot(results["ops"], args.out / "allreduce_rmsnorm.png", title)
     dist.destroy_process_group()
