@@ -141,25 +141,6 @@ void launch_for_groups(const RoutingParams& params, bool grouped, bool sigmoid, 
           : launch_for_scoring<F, VPL, false>(params, sigmoid, stream);
 }
 
-// Experts per lane, rounded up to a compiled bucket.
-int experts_per_lane(int num_experts) {
-  const int needed = (num_experts + kWarpSize - 1) / kWarpSize;
-  for (const int bucket : {1, 2, 4, 6, 8, 12}) {
-    if (needed <= bucket) return bucket;
-  }
-  return 16;  // E <= kMaxExperts
-}
-
-// Lanes per group for the kernel's group-limited selection: a group must be whole lanes, a
-// power of two of them (the butterfly of drop_unkept_groups); 0 when it is not.
-int lanes_per_group(int num_experts, int n_group) {
-  const int group_size = num_experts / n_group;
-  const int vpl = experts_per_lane(num_experts);
-  if (group_size % vpl != 0) return 0;
-  const int lanes = group_size / vpl;
-  return (lanes & (lanes - 1)) == 0 ? lanes : 0;
-}
-
 template <LogitFormat F>
 void launch_for_format(RoutingParams& params, const at::Tensor& logits, bool grouped, bool sigmoid,
                        cudaStream_t stream) {

@@ -354,6 +354,27 @@ __device__ __forceinline__ void sort_descending(Entry (&v)[N]) {
 }
 
 
+// ---------------------------------------------------------------------------- launch shapes
+
+// Host side. Experts per lane (route_row's VPL), rounded up to a compiled bucket.
+inline int experts_per_lane(int num_experts) {
+  const int needed = (num_experts + kWarpSize - 1) / kWarpSize;
+  for (const int bucket : {1, 2, 4, 6, 8, 12}) {
+    if (needed <= bucket) return bucket;
+  }
+  return 16;  // E <= kMaxExperts
+}
+
+// Lanes per group for the kernel's group-limited selection: a group must be whole lanes, a
+// power of two of them (the butterfly of drop_unkept_groups); 0 when it is not.
+inline int lanes_per_group(int num_experts, int n_group) {
+  const int group_size = num_experts / n_group;
+  const int vpl = experts_per_lane(num_experts);
+  if (group_size % vpl != 0) return 0;
+  const int lanes = group_size / vpl;
+  return (lanes & (lanes - 1)) == 0 ? lanes : 0;
+}
+
 // ------------------------------------------------------------------------------------ groups
 
 // Marks the experts outside the row's topk_group best groups taken (entry 0), so that the k
