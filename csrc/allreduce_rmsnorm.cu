@@ -419,7 +419,8 @@ __device__ __forceinline__ void keep_packed(uint4& v) {
 }
 
 template <typename T, int kChunks>
-__global__ void __launch_bounds__(row_group_max_threads<kChunks>()) add_rmsnorm_rows_kernel(Params p, int warps_per_row) {
+__global__ void __launch_bounds__(row_group_max_threads<kChunks>())
+    add_rmsnorm_rows_kernel(Params p, int warps_per_row) {
   constexpr int kN = Elem<T>::kPerChunk;
   __shared__ float warp_sums[2][kMaxThreads / 32];  // [row parity][warp of the block]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

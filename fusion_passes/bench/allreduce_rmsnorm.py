@@ -322,7 +322,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--hidden", default="2880", help="hidden size(s), comma-separated (several: --local-norm only)")
-    parser.add_argument("--dtypes", default="bf16", help="--local-norm: dtypes of x, comma-separated (bf16, fp32, fp16)")
+    parser.add_argument("--dtypes", default="bf16", help="--local-norm: x's dtypes, comma-separated: bf16, fp32, fp16")
     parser.add_argument(
         "--layouts",
         default=next(iter(LOCAL_LAYOUTS)),
