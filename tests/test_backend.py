@@ -229,7 +229,8 @@ def test_allreduce_ops_are_checked_at_construction(my_allreduce_op):
 def test_backend_takes_a_config_none_or_a_mapping():
     assert fusion_passes.Backend().config == fusion_passes.PassConfig()
     assert fusion_passes.Backend({"router_gemm": False}).config == fusion_passes.PassConfig(router_gemm=False)
-    with pytest.raises(ValueError, match=r"unknown PassConfig fields \['routr_gemm'\]; the fields are \['slice_before_allreduce'"):
+    fields = [f.name for f in dataclasses.fields(fusion_passes.PassConfig)]
+    with pytest.raises(ValueError, match=re.escape(f"unknown PassConfig fields ['routr_gemm']; the fields are {fields}")):
         fusion_passes.Backend({"routr_gemm": False})
     with pytest.raises(ValueError, match="PassConfig.router_gemm must be a bool, got 'no'"):
         fusion_passes.Backend({"router_gemm": "no"})
