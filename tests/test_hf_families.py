@@ -1,0 +1,163 @@
+"""The routing passes on every MoE family of the installed transformers, each built from
+a tiny random config (nothing is downloaded): router_gemm = nan_safe_routing = the
+number of MoE layers, and the compiled model computes what eager does.
+
+FAMILIES are the families this suite covers; a family missing from the installed
+transformers is skipped. NOT_COVERED names the MoE families found in transformers'
+registry that are not covered, with the reason (docs/passes/nan_safe_routing.md).
+"""
+
+import pytest
+import torch
+from helpers import compile_and_run
+
+from fusion_passes.testing import assert_matches
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
+
+LAYERS = 1
+MAX_PARAMETERS = 3_000_000  # a config this test did not make tiny would be built full size
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+# Applied to every key a family's config has.
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=64,
+    moe_intermediate_size=32,
+    expert_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    num_experts=8,
+    num_local_experts=8,
+    n_routed_experts=8,
+    moe_num_experts=8,
+    num_experts_per_tok=2,
+    moe_topk=2,
+    moe_k=2,
+    top_k=2,
+    first_k_dense_replace=0,
+    moe_layer_start_index=0,
+    decoder_sparse_step=1,
+    moe_layer_freq=1,
+    mlp_only_layers=[],
+    n_group=1,
+    topk_group=1,
+    sliding_window=16,
+)
+# Multi-head latent attention: every head has its own key and value.
+LATENT_ATTENTION = dict(
+    kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4
+)
+GROUPS = dict(n_routed_experts=16, num_local_experts=16, n_group=4, topk_group=2)
+FAMILY_CONFIG = {
+    "deepseek_v2": dict(**LATENT_ATTENTION, **GROUPS, topk_method="group_limited_greedy"),
+    "deepseek_v3": dict(**LATENT_ATTENTION, **GROUPS),
+    "glm4_moe": dict(GROUPS),
+}
+FAMILIES = [
+    "deepseek_v2",
+    "deepseek_v3",
+    "ernie4_5_moe",
+    "exaone_moe",
+    "glm4_moe",
+    "gpt_oss",
+    "granitemoe",
+    "hunyuan_v1_moe",
+    "jetmoe",
+    "minimax",
+    "mixtral",
+    "olmoe",
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_next",
+]
+NOT_COVERED = {
+    "phimoe": "sparsemixer routing (a jittered two-pass top-1 with masks) is not a form topk_routing computes",
+    "llama4_text": "top-k of the logits scattered into a -inf tensor then sigmoid: not matched yet",
+    "llama4": "the text model as llama4_text",
+    "mistral4": "groups ranked by the sum of their two best probabilities without a bias: the op ranks"
+    " groups by the logits then (the same order only for a group's max)",
+    "mistral_large4": "as mistral4",
+    "dbrx": "not built by this test: its attention and FFN sub-configs need their own tiny values",
+    "longcat_flash": "not built by this test: its tiny config is still above MAX_PARAMETERS",
+    "dots1": "not built by this test: the config leaves n_shared_experts unset",
+}
+
+
+def tiny_config(name):
+    config_class = CONFIG_MAPPING[name]
+    defaults = config_class().to_dict()
+    keys = defaults["text_config"] if isinstance(defaults.get("text_config"), dict) else defaults
+    values = {**TINY, **FAMILY_CONFIG.get(name, {})}
+    if "qk_rope_head_dim" in keys:
+        values.pop("head_dim")  # derived from the latent-attention dims
+    kwargs = {key: value for key, value in values.items() if key in keys}
+    if keys.get("layer_types"):
+        kwargs["layer_types"] = keys["layer_types"][:LAYERS]
+    if keys is defaults:
+        return config_class(**kwargs)
+    return config_class(text_config=kwargs)
+
+
+def model_class(config):
+    """The causal LM of the family, or its bare model where it has none (Mistral 4)."""
+    if type(config) in transformers.AutoModelForCausalLM._model_mapping:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def build(name):
+    config = tiny_config(name)
+    auto = model_class(config)
+    with torch.device("meta"):  # the size check costs no memory
+        parameters = sum(p.numel() for p in auto.from_config(config).parameters())
+    assert parameters <= MAX_PARAMETERS, f"{name}: the tiny config still has {parameters} parameters"
+    torch.manual_seed(0)
+    model = auto.from_config(config)
+    for p in model.parameters():  # a random, non-degenerate router
+        torch.nn.init.normal_(p, std=0.2)
+    return model.eval()
+
+
+def moe_layers(model) -> int:
+    """MoE blocks: the modules that hold the experts."""
+    return sum(1 for m in model.modules() if isinstance(getattr(m, "experts", None), torch.nn.Module))
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids, use_cache=False)
+        return out.logits if "logits" in out else out.last_hidden_state
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_matches_once_per_moe_layer_and_agrees_with_eager(name):
+    if name not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    model = build(name)
+    layers = moe_layers(model)
+    assert layers == LAYERS
+    module = Logits(model)
+    input_ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    backend, out, _ = compile_and_run(module, input_ids, codegen=False, dynamic_dim0=False)
+    assert_matches(backend.report, router_gemm=layers, nan_safe_routing=layers)
+    with torch.no_grad():
+        expected = module(input_ids)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_not_covered_families_are_moe_families():
+    """NOT_COVERED names families that exist (in some transformers) and route over experts."""
+    for name in set(NOT_COVERED) & set(CONFIG_MAPPING.keys()):
+        defaults = CONFIG_MAPPING[name]().to_dict()
+        keys = defaults["text_config"] if isinstance(defaults.get("text_config"), dict) else defaults
+        assert any(key in keys for key in EXPERT_COUNT_KEYS), name
