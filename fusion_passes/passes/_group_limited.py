@@ -95,6 +95,10 @@ def _evaluate(nodes: list[Node], output: Node, values: dict[Node, torch.Tensor])
     return result if isinstance(result, torch.Tensor) else None
 
 
+def _same(got: torch.Tensor | None, expected: torch.Tensor) -> bool:
+    return got is not None and got.shape == expected.shape and torch.equal(got, expected)
+
+
 def _random_like(node: Node, generator: torch.Generator) -> torch.Tensor:
     value = fake(node)
     shape = [_size_hint(d) for d in value.shape]
@@ -116,7 +120,7 @@ def _group_scores_form(group_input: Node, scores: Node, n_group: int) -> str | N
         expected = {"max": grouped.amax(-1)}
         if grouped.shape[-1] >= 2:
             expected["top2_sum"] = grouped.topk(2, dim=-1).values.sum(-1)
-        forms = {f for f in forms if f in expected and got is not None and got.shape == expected[f].shape and torch.equal(got, expected[f])}
+        forms = {f for f in forms if f in expected and _same(got, expected[f])}
     if not forms:
         return None
     return "top2_sum" if "top2_sum" in forms else "max"
@@ -136,7 +140,7 @@ def _mask_fill(masked: Node, scores: Node, group_ids: Node, n_group: int, topk_g
         got = _evaluate(nodes, masked, {scores: s, group_ids: ids})
         kept = torch.zeros(rows, n_group, dtype=torch.bool, device=ids.device).scatter(1, ids, True)
         kept = kept.repeat_interleave(s.shape[1] // n_group, dim=1)
-        fills = {f for f in fills if got is not None and got.shape == s.shape and torch.equal(got, s.masked_fill(~kept, f))}
+        fills = {f for f in fills if _same(got, s.masked_fill(~kept, f))}
     return min(fills) if fills else None
 
 

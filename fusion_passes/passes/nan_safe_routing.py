@@ -151,7 +151,9 @@ def _gathered(probs: Node, ids: Node | None) -> Node | None:
     """The one ``probs.gather(-1, ids)``: the weights of a selection by another score."""
     if ids is None:
         return None
-    gathers = [u for u in ids.users if is_call(u, aten.gather.default) and u.args[0] is probs and is_last_dim(u.args[1], 2)]
+    gathers = [
+        u for u in ids.users if is_call(u, aten.gather.default) and u.args[0] is probs and is_last_dim(u.args[1], 2)
+    ]
     return gathers[0] if len(gathers) == 1 else None
 
 

@@ -162,7 +162,9 @@ def _low_precision_operands(x: Node, weight: Node, bias: Node | None) -> tuple |
     return (sources[0], sources[1], sources[2] if bias is not None else None)
 
 
-def _router_match(node: Node, x: Node, weight: Node, bias: Node | None, out_dtype, config: PassConfig) -> RouterMatch | None:
+def _router_match(
+    node: Node, x: Node, weight: Node, bias: Node | None, out_dtype, config: PassConfig
+) -> RouterMatch | None:
     x_value, w_value, out_value = fake(x), fake(weight), fake(node)
     if x_value is None or x_value.dim() != 2 or x_value.dtype not in ops.ROUTER_GEMM_DTYPES:
         return None
