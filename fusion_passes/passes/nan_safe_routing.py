@@ -17,9 +17,18 @@ Before (DeepSeek-V3 without groups: sigmoid, selection with a correction bias)::
     ids = topk(s + e_score_correction_bias, k)[1]
     w   = s.gather(1, ids);  w = w / (w.sum(-1, keepdim=True) + 1e-20)
 
-After (every form)::
+Before (DeepSeek-V3 / GLM-4.5 / dots1 / EXAONE-MoE: group-limited; ERNIE 4.5 is the
+softmax + bias form without groups, renormalized by ``w / clamp(w.sum(), min=eps)``)::
 
-    w32, ids = fusion_passes.topk_routing(logits, k, scoring, renormalize, bias)
+    s      = sigmoid(logits.float());  c = s + e_score_correction_bias
+    groups = topk(c.view(T, G, E // G), 2)[0].sum(-1)      # or .max(-1): DeepSeek-V2
+    mask   = one-hot of topk(groups, topk_group)[1], expanded to [T, E]
+    ids    = topk(c.masked_fill(~mask, -inf), k, sorted=False)[1]
+    w      = s.gather(1, ids);  w = w / (w.sum(-1, keepdim=True) + 1e-20);  w = w * scale
+
+After (every form; the group arguments only with groups)::
+
+    w32, ids = fusion_passes.topk_routing(logits, k, scoring, renormalize, bias, G, topk_group, group_score)
     w        = w32.to(<the dtype the original consumers saw>)
 
 Why: the composite is 5-10 launches at decode sizes, and ``topk`` over a row of NaNs
@@ -33,8 +42,10 @@ Guard: top-k along the last dim of a 2-D tensor, largest, over at most
 routing), whose score comes from softmax or sigmoid, or whose values feed a softmax
 and nothing else. The values that the original graph exposes must be exactly what
 the op returns (raw probabilities, or renormalized ones); otherwise no match.
-A renormalization ``w / (w.sum() + eps)`` matches when eps is at most 1e-6, where it
-only differs from the op's zero-sum guard below fp32 rounding.
+A renormalization ``w / (w.sum() + eps)`` (or ``clamp(min=eps)``) matches when eps is at
+most 1e-6, where it only differs from the op's zero-sum guard below fp32 rounding. The
+group-limited form is recognised by ``_group_limited`` (its docstring says how); a
+``routed_scaling_factor`` stays the multiply after the op.
 """
 
 from __future__ import annotations
