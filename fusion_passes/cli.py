@@ -191,6 +191,10 @@ def compile_builtin(args) -> tuple:
         (input_ids,) = example_inputs(model, args.tokens)
         torch._dynamo.mark_dynamic(input_ids, 0)
         steps.step("tracing with Dynamo")
+        # What Dynamo learned from earlier compiles in this process (e.g. a float it saw
+        # change, such as another model's norm eps, made a graph input) must not change
+        # this graph's counts.
+        torch._dynamo.reset()
         output = torch.compile(model, backend=_with_progress(backend, steps))(input_ids)
         steps.step(f"ran the compiled model: output {tuple(output.shape)}")
     return backend, output, dump_dir

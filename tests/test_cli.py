@@ -110,6 +110,17 @@ def test_check_passes_fails_and_lists_only_what_it_checked(tmp_path, capsys):
     assert code == 1 and "router_gemm: expected 2, got 1" in out and f"graph dumps: {tmp_path}" in out
 
 
+def test_check_counts_do_not_depend_on_earlier_compiles_in_the_process(tmp_path, capsys):
+    """gpt-oss's norm eps (1e-5) differs from qwen3-moe's (1e-6): had Dynamo carried over
+    what it saw, the second compile would take eps as a graph input and the norms would
+    not match."""
+    dump = ["--dump-dir", str(tmp_path)]
+    assert run(["check", "--model", "gpt-oss", "--layers", "1", "--tp", "2", "--no-codegen", *dump,
+                "--expect", "allreduce_rmsnorm=3"], capsys)[0] == 0
+    code, out, _ = run(["check", *QWEN_TP2, *dump, "--expect", "allreduce_rmsnorm=3"], capsys)
+    assert (code, out) == (0, "ok: allreduce_rmsnorm=3\n")
+
+
 def test_demo_table_and_its_one_dump_dir_per_model(tmp_path, monkeypatch, capsys):
     """Without --dump-dir, every demo of a model reuses (and replaces) the same directory."""
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))

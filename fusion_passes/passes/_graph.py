@@ -17,6 +17,7 @@ import torch
 from torch._guards import detect_fake_mode
 from torch._inductor import inductor_prims
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -34,6 +35,12 @@ def fake(node) -> torch.Tensor | None:
     """The node's fake value (a FakeTensor), if it is a single tensor."""
     value = node.meta.get("val") if isinstance(node, Node) else None
     return value if isinstance(value, torch.Tensor) else None
+
+
+def known_equal(a, b) -> bool:
+    """Sizes (or shapes) equal for every value their symbols can take. Never guards: a
+    pass that compared a symbolic token count with ``==`` would specialize it."""
+    return statically_known_true(sym_eq(a, b))
 
 
 def arg(node: Node, index: int, name: str, default=None):

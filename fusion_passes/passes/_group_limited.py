@@ -26,7 +26,7 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx import Node
 
-from ._graph import arg, aten, fake, getitem_users, is_call, is_last_dim, is_pure
+from ._graph import arg, aten, fake, getitem_users, is_call, is_last_dim, is_pure, known_equal
 
 # The mask and group-score subgraphs are a handful of ops; a walk that grows past this
 # has left them (e.g. it reached back into the model) and is not this pattern.
@@ -153,7 +153,7 @@ def group_limited(masked: Node) -> GroupLimited | None:
     for scores in dict.fromkeys(a for a in masked.all_input_nodes if _has_shape_of(a, value)):
         for group_topk in _group_topks(scores, value.shape[0]):
             n_group, topk_group = fake(group_topk.args[0]).shape[1], group_topk.args[1]
-            if not isinstance(topk_group, int) or num_experts % n_group:
+            if not isinstance(n_group, int) or not isinstance(topk_group, int) or num_experts % n_group:
                 continue
             with unset_fake_temporarily():  # concrete tensors, even inside a compile's fake mode
                 group_score = _group_scores_form(group_topk.args[0], scores, n_group)
@@ -166,7 +166,7 @@ def group_limited(masked: Node) -> GroupLimited | None:
 
 def _has_shape_of(node: Node, value: torch.Tensor) -> bool:
     other = fake(node)
-    return other is not None and other.dtype == value.dtype and other.shape == value.shape
+    return other is not None and other.dtype == value.dtype and known_equal(other.shape, value.shape)
 
 
 def _group_topks(scores: Node, num_rows) -> list[Node]:
@@ -185,7 +185,7 @@ def _group_topks(scores: Node, num_rows) -> list[Node]:
                 if (
                     group_scores is not None
                     and group_scores.dim() == 2
-                    and group_scores.shape[0] == num_rows
+                    and known_equal(group_scores.shape[0], num_rows)
                     and is_last_dim(arg(user, 2, "dim", -1), 2)
                     and arg(user, 3, "largest", True)
                     and set(outputs) == {1}

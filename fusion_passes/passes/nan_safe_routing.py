@@ -70,6 +70,7 @@ from ._graph import (
     insert_multi_output,
     is_call,
     is_last_dim,
+    known_equal,
     renormalized,
     replace_with,
     rewrite_each,
@@ -137,9 +138,9 @@ def _scoring_of(score: Node) -> Scored | None:
 def _per_expert(bias, num_experts: int) -> Node | None:
     """The 1-D [E] tensor that ``bias`` is, or is a [1, E] view of."""
     value = fake(bias)
-    if value is not None and value.dim() == 2 and value.shape[0] == 1 and is_call(bias, *VIEWS):
+    if value is not None and value.dim() == 2 and known_equal(value.shape[0], 1) and is_call(bias, *VIEWS):
         bias, value = bias.args[0], fake(bias.args[0])
-    if value is None or value.dim() != 1 or value.shape[0] != num_experts or not value.dtype.is_floating_point:
+    if value is None or value.dim() != 1 or not known_equal(value.shape[0], num_experts) or not value.dtype.is_floating_point:
         return None
     return bias
 
