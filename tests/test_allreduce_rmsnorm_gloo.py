@@ -1,6 +1,6 @@
 """``fusion_passes::fused_allreduce_rmsnorm`` across real processes (gloo, CPU).
 
-DESIGN.md: r = sum of x over the process group; h = r + residual (or r) in x's dtype;
+docs/ops.md: r = sum of x over the process group; h = r + residual (or r) in x's dtype;
 out = h * rsqrt(mean(h^2, -1) + eps) * weight computed in fp32 and rounded once;
 returns (out, h); every rank gets bitwise identical outputs.
 

@@ -1,4 +1,4 @@
-"""The golden numbers of DESIGN.md, per built-in model, through the report; compiled
+"""The counts of docs/index.md, per built-in model, through the report; compiled
 output against eager; the TP gpt-oss layer before and after the tensor-parallel passes."""
 
 import unittest

@@ -1,4 +1,4 @@
-"""The op contracts of DESIGN.md ("Op contracts") and the docstrings in
+"""The op contracts of docs/ops.md and the docstrings in
 ``fusion_passes/ops.py``, checked against the plain-torch references on CPU.
 
 Every expectation here is computed independently of the package: in float64
@@ -324,7 +324,7 @@ def routing_float64(
 
 
 def assert_routing_invariants(weights, ids, T, k, E, renormalize):
-    """What DESIGN.md promises for every row, whatever the input."""
+    """What docs/ops.md promises for every row, whatever the input."""
     assert weights.shape == (T, k) and ids.shape == (T, k), (weights.shape, ids.shape)
     assert weights.dtype == torch.float32, weights.dtype
     assert ids.dtype == torch.int64, ids.dtype
@@ -536,7 +536,7 @@ class TestTopkRoutingSpecialValues:
     def test_selection_is_by_logit_so_rounding_of_p_never_invents_ties(self):
         # The docstring's rule 3: without a bias the selection score is x itself. p rounds
         # to equal fp32 values here (0 and 0; 1.0 and 1.0), x does not: the larger x wins.
-        # (DESIGN.md words this as "ids = top-k of p" with ties to the lower index, which
+        # (A rule worded as "ids = top-k of p" with ties to the lower index
         # would pick expert 1 in the first row and expert 0 in the second.)
         _, ids = check_routing(row(0.0, -300.0, -200.0), 2, "softmax", renormalize=False)
         assert ids.tolist() == [[0, 2]]

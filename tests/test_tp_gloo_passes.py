@@ -1,5 +1,5 @@
 """Tensor-parallel models compiled with every pass, on 2 real gloo processes (CPU,
-fp32): the counts of DESIGN.md, and the output equals the single-device eager model."""
+fp32): the counts of docs/index.md, and the output equals the single-device eager model."""
 
 import torch
 import torch.multiprocessing as mp

@@ -15,7 +15,7 @@ After::
 
 Why: at decode sizes the all-reduce is latency-bound and the add and the norm are
 two more launches that re-read what the all-reduce just wrote; one kernel that reads
-the peers' buffers, adds and normalises does it in one pass (DESIGN.md).
+the peers' buffers, adds and normalises does it in one pass (docs/ops.md).
 
 RMSNorm forms recognised (all computed in fp32 between an upcast and a downcast,
 which are absent for fp32 models):
