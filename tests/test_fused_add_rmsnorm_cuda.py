@@ -8,19 +8,10 @@ import pytest
 import torch
 
 from fusion_passes import kernels
+from fusion_passes.bench.allreduce_rmsnorm import LOCAL_LAYOUTS
 from fusion_passes.ops import rmsnorm_reference
 
 pytestmark = pytest.mark.cuda
-
-# (chunks a lane, persistent grid, PDL launch); see set_local_layout in csrc/allreduce_rmsnorm.cu.
-LAYOUTS = {
-    "block_per_row": (0, False, False),
-    "rows2_persistent_pdl": (2, True, True),
-    "rows4_persistent_pdl": (4, True, True),
-    "rows8_persistent_pdl": (8, True, True),
-    "rows8_grid_per_rows": (8, False, False),
-    "rows16_persistent_pdl": (16, True, True),
-}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,9 +19,9 @@ def loaded():
     assert kernels.load(), kernels.load_error()
 
 
-@pytest.fixture(params=list(LAYOUTS))
+@pytest.fixture(params=list(LOCAL_LAYOUTS))
 def layout(request):
-    torch.ops.fusion_passes._fused_add_rmsnorm_set_layout(*LAYOUTS[request.param])
+    torch.ops.fusion_passes._fused_add_rmsnorm_set_layout(*LOCAL_LAYOUTS[request.param])
     yield request.param
     torch.ops.fusion_passes._fused_add_rmsnorm_reset_layout()
 

@@ -207,6 +207,7 @@ LOCAL_LAYOUTS = {
     "rows8_persistent": (8, True, False),
     "rows8_pdl": (8, False, True),
     "rows2_pdl": (2, False, True),
+    "rows8": (8, False, False),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
