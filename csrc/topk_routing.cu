@@ -306,7 +306,8 @@ std::tuple<at::Tensor, at::Tensor> topk_routing_composite(const at::Tensor& logi
   const at::Tensor ids = order.narrow(1, 0, k).contiguous();
   at::Tensor weights = prob.gather(1, ids);
   if (renormalize) {
-    const at::Tensor total = weights.sum({-1}, /*keepdim=*/true);
+    at::Tensor total = weights.narrow(1, 0, 1);
+    for (int64_t r = 1; r < k; ++r) total = total + weights.narrow(1, r, 1);  // left to right, as the reference
     weights = at::where(total > 0, weights / at::where(total > 0, total, at::ones_like(total)),
                         1.0 / static_cast<double>(k));
   }
@@ -332,15 +333,13 @@ std::tuple<at::Tensor, at::Tensor> topk_routing_cuda(const at::Tensor& logits, i
   const bool bias_in_scope =
       bias_type == at::kFloat || bias_type == at::kBFloat16 || bias_type == at::kHalf || bias_type == at::kDouble;
   const bool grouped = n_group > 1;
-  const bool groups_in_scope =
-      !grouped || (num_experts <= kMaxExperts && n_group <= kMaxGroups &&
-                   lanes_per_group(static_cast<int>(num_experts), static_cast<int>(n_group)) > 0);
+  // n_group <= E <= 512 and n_group <= 32 lanes: any group shape the op accepts there.
+  const bool groups_in_scope = n_group <= kMaxGroups;
   if (!logits_in_scope || !bias_in_scope || num_experts > kMaxExperts || k > kMaxK || !groups_in_scope) {
     // One std::string argument: c10::str passes it through without an ostream (see above).
     const std::string note =
-        "fusion_passes::topk_routing: an input outside the CUDA kernel's scope (E > 512, k > 32, a logit dtype "
-        "other than fp32/bf16/fp16, or groups that are not a power of two of whole lanes) runs the ATen "
-        "composite of the reference: correct, slower.";
+        "fusion_passes::topk_routing: an input outside the CUDA kernel's scope (E > 512, k > 32, n_group > 32, "
+        "or a logit dtype other than fp32/bf16/fp16) runs the ATen composite of the reference: correct, slower.";
     TORCH_WARN_ONCE(note);
     return topk_routing_composite(logits, k, sigmoid, renormalize, correction_bias, n_group, topk_group, group_max);
   }
@@ -358,8 +357,6 @@ std::tuple<at::Tensor, at::Tensor> topk_routing_cuda(const at::Tensor& logits, i
   RowSelection& selection = params.selection;
   selection.num_experts = static_cast<int>(num_experts);
   selection.k = static_cast<int>(k);
-  selection.k_lanes = 1;
-  while (selection.k_lanes < k) selection.k_lanes *= 2;
   if (correction_bias.has_value()) {
     bias = correction_bias->contiguous();
     selection.bias = bias.data_ptr();
@@ -372,6 +369,8 @@ std::tuple<at::Tensor, at::Tensor> topk_routing_cuda(const at::Tensor& logits, i
   }
   selection.renormalize = renormalize;
   selection.uniform_weight = static_cast<float>(1.0 / static_cast<double>(k));
+  selection.n_group = static_cast<int>(n_group);
+  selection.group_size = static_cast<int>(num_experts / n_group);
   selection.topk_group = static_cast<int>(topk_group);
   selection.lanes_per_group = grouped ? lanes_per_group(selection.num_experts, static_cast<int>(n_group)) : 0;
   selection.group_max = group_max;

@@ -38,14 +38,16 @@ enum class BiasFormat : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat6
 struct RowSelection {
   int num_experts;
   int k;
-  int k_lanes;       // power of two >= k
   const void* bias;  // [E] contiguous global memory, or nullptr
   BiasFormat bias_format;
   bool renormalize;
   bool vector_loads;     // the row start is aligned for vector_width<F, VPL>() and E is a multiple of it
   float uniform_weight;  // 1/k rounded from double, the weight of a row whose weights sum to 0
-  // Group-limited selection (used by route_row<..., kGrouped = true>): groups of
-  // lanes_per_group lanes (a power of two; a group is lanes_per_group * VPL experts).
+  // Group-limited selection (used by route_row<..., kGrouped = true>): n_group groups of
+  // group_size experts. lanes_per_group > 0 when a group is that many whole lanes (a power of
+  // two: the butterfly path), 0 for any other shape (the scanning path).
+  int n_group;
+  int group_size;
   int topk_group;
   int lanes_per_group;
   bool group_max;  // group score: the best selection score, else the sum of the best two
@@ -97,8 +99,8 @@ constexpr float kLog2e = 1.44269502162933349609375f;  // log2(e) rounded to floa
 constexpr float kLog2eLo = 1.925963033500011e-08f;    // log2(e) - kLog2e
 constexpr float kLn2 = 0.693147182464599609375f;
 
-// exp(t) within about 2 ulp, for the softmax sum and the selection scores of a correction bias
-// (not for the weights): 2^h by ex2.approx with h = t*log2(e) rounded, times 1 + d*ln2 for the
+// exp(t) within about 2 ulp, for the softmax sum and the softmax selection scores of a
+// correction bias (not for the weights): 2^h by ex2.approx with h = t*log2(e) rounded, times 1 + d*ln2 for the
 // rounding error d of h (plain __expf loses |t|*1e-7 relative there). Subnormal results are 0,
 // like the rest of the fast-math arithmetic; t is clamped to [-104, 88.5], where the results
 // are 0 and finite.
@@ -135,6 +137,20 @@ __device__ __forceinline__ float exp_accurate(float t) {
   const float scale_a = __int_as_float((half + 127) << 23);
   const float scale_b = __int_as_float((n - half + 127) << 23);
   return mul_keep_subnormal(e * scale_a, scale_b);  // e * scale_a is exact
+}
+
+// libdevice's expf, which ATen's CUDA sigmoid reaches through std::exp (ATen is compiled without
+// fast math); called by name because --use_fast_math turns expf into __expf.
+extern "C" __device__ float __nv_expf(float);
+
+// sigmoid(x) bitwise as torch.sigmoid computes it on CUDA for fp32: 1 / (1 + expf(-x)) with IEEE
+// add and division. --use_fast_math also sets -ftz, which compiles __nv_expf into the same
+// instruction sequence with .ftz added (checked in the PTX of nvcc 13.0): that changes a result
+// only where an operand or the result is subnormal. A subnormal x gives expf(-x) = 1 either way
+// (the ex2.approx step is .ftz in both), and a subnormal expf(-x), flushed to 0 or not, gives
+// 1 + it = 1; add.rn and div.rn below keep subnormals like ATen. So the flush never shows.
+__device__ __forceinline__ float sigmoid_like_torch(float x) {
+  return div_keep_subnormal(1.0f, add_keep_subnormal(1.0f, __nv_expf(-x)));
 }
 
 // ------------------------------------------------------------------------------------ loading
@@ -250,12 +266,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Sum over lanes [0, lanes) (a power of two) without flushing subnormals, result in each of them.
-__device__ __forceinline__ float warp_sum_keep_subnormal(float v, int lanes) {
-  for (int offset = lanes / 2; offset > 0; offset /= 2) v = add_keep_subnormal(v, __shfl_xor_sync(kFullMask, v, offset));
-  return v;
-}
-
 // exp(x - row_max) of the lane's slots into `terms` (NaN and padding slots give exp(-104) = 0,
 // as fast-math flushes it); returns their sum over the row.
 template <int VPL>
@@ -365,8 +375,8 @@ inline int experts_per_lane(int num_experts) {
   return 16;  // E <= kMaxExperts
 }
 
-// Lanes per group for the kernel's group-limited selection: a group must be whole lanes, a
-// power of two of them (the butterfly of drop_unkept_groups); 0 when it is not.
+// Lanes per group for route_row's butterfly group path: a group of whole lanes, a power of two
+// of them; 0 for any other shape, which route_row's scanning path handles.
 inline int lanes_per_group(int num_experts, int n_group) {
   const int group_size = num_experts / n_group;
   const int vpl = experts_per_lane(num_experts);
@@ -377,51 +387,34 @@ inline int lanes_per_group(int num_experts, int n_group) {
 
 // ------------------------------------------------------------------------------------ groups
 
-// Marks the experts outside the row's topk_group best groups taken (entry 0), so that the k
-// rounds never reach them; the kept invalid experts keep kInvalidKey and stay ordered by index.
-// A group is s.lanes_per_group aligned lanes (a power of two), so a butterfly over the lanes
-// of a group merges their (best, second best) keys; the group score is decoded from the keys
-// (an invalid key counts -FLT_MAX) and summed in fp32 without flushing. Groups are then taken
-// in topk_group rounds of the warp's best group key, ties to the lowest lane, i.e. the lowest
-// group. Lanes past the groups (past E) hold no group and take part with key 0.
-template <int VPL, typename Entry, typename DecodeKey>
-__device__ __forceinline__ void drop_unkept_groups(Entry (&list)[VPL], const RowSelection& s, int lane,
-                                                   DecodeKey decode) {
-  uint32_t best = entry_key(list[0]);
-  uint32_t second = VPL > 1 ? entry_key(list[VPL > 1 ? 1 : 0]) : kTakenKey;  // the lane's list is sorted
-  for (int offset = 1; offset < s.lanes_per_group; offset *= 2) {
-    const uint32_t other_best = __shfl_xor_sync(kFullMask, best, offset);
-    const uint32_t other_second = __shfl_xor_sync(kFullMask, second, offset);
-    second = max(min(best, other_best), max(second, other_second));
-    best = max(best, other_best);
-  }
+// The fp32 score of a group from its best two selection keys (an invalid key counts -FLT_MAX),
+// summed without flushing as the reference sums them; then its key. Group scores are never NaN,
+// so score_key orders them, +-Inf included, all above kTakenKey.
+template <typename DecodeKey>
+__device__ __forceinline__ uint32_t group_key_of(uint32_t best, uint32_t second, bool best_only, DecodeKey decode) {
   const auto score_of = [&](uint32_t key) { return key > kInvalidKey ? decode(key) : -FLT_MAX; };
-  const bool single_expert_groups = s.lanes_per_group * VPL == 1;
-  const float group_score =
-      s.group_max || single_expert_groups ? score_of(best) : add_keep_subnormal(score_of(best), score_of(second));
-  const bool in_a_group = lane * VPL < s.num_experts;
-  // Group scores are never NaN; score_key orders them, +-Inf included, all above kTakenKey.
-  uint32_t group_key = in_a_group ? score_key(group_score) : kTakenKey;
-  bool kept = false;
-  for (int round = 0; round < s.topk_group; ++round) {
-    const uint32_t top = __reduce_max_sync(kFullMask, group_key);
-    const unsigned holders = __ballot_sync(kFullMask, group_key == top);
-    const int winner_group = (__ffs(holders) - 1) / s.lanes_per_group;
-    if (lane / s.lanes_per_group == winner_group) {
-      kept = true;
-      group_key = kTakenKey;
-    }
+  return score_key(best_only ? score_of(best) : add_keep_subnormal(score_of(best), score_of(second)));
+}
+
+// Whether group `group` (whose key this lane holds) is among the topk_group best: its rank is the
+// number of groups with a better key, or an equal key and a lower index. Every lane gathers the
+// n_group keys from lanes 0, stride, 2*stride, ... (independent shuffles, one pass) instead of
+// topk_group dependent rounds of a warp maximum.
+__device__ __forceinline__ bool group_is_kept(uint32_t group_key, int group, int stride, const RowSelection& s) {
+  int better = 0;
+#pragma unroll 8
+  for (int h = 0; h < s.n_group; ++h) {
+    const uint32_t other = __shfl_sync(kFullMask, group_key, h * stride);
+    better += other > group_key || (other == group_key && h < group);
   }
-  if (!kept) {
-#pragma unroll
-    for (int j = 0; j < VPL; ++j) list[j] = Entry(0);
-  }
+  return group < s.n_group && better < s.topk_group;
 }
 
 // ------------------------------------------------------------------------------------ one row
 
 // Routes one row: called by all 32 lanes of a warp (converged), `row` pointing at its E logits
-// in global or shared memory. Lane r < k writes weights[r] and ids[r].
+// in global or shared memory (read-only, and readable by every lane: the scanning group path
+// reads other lanes' experts). Lane r < k writes weights[r] and ids[r].
 template <LogitFormat F, int VPL, bool kSigmoid, bool kHasBias, bool kGrouped>
 __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowSelection& s, float* weights,
                                           int64_t* ids) {
@@ -432,51 +425,105 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
   const int lane = threadIdx.x % kWarpSize;
   const int first = lane * VPL;
 
+  // The logits and, in flight with them, the lane's bias values.
   S raw[VPL];
   load_logits<F, VPL>(row, first, s.num_experts, s.vector_loads, raw);
+  float bias[VPL];
+  if constexpr (kHasBias) {
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) bias[j] = first + j < s.num_experts ? load_bias(s.bias, s.bias_format, first + j) : 0.0f;
+  }
   float x[VPL];  // clamped logits, NaN in padding slots (only the paths that need them keep them)
 #pragma unroll
   for (int j = 0; j < VPL; ++j) x[j] = clamp_infinity(logit_to_float<F>(raw[j]));
 
-  // The lane's entries; with a correction bias the softmax statistics (max and sum of
-  // exp(x - max) over the valid logits) come first.
-  Entry list[VPL];
+  // With a correction bias the softmax statistics (max and sum of exp(x - max) over the valid
+  // logits) come first.
   float row_max = 0.0f;  // softmax: the largest valid logit, 0 if none
   float exp_sum = 0.0f;  // softmax: sum of exp(x - row_max) over the valid logits
-  if constexpr (kHasBias) {
-    uint32_t logit_key[VPL];
+  float exp_shifted[VPL];
+  if constexpr (kHasBias && !kSigmoid) {
+    uint32_t lane_max = kTakenKey;
 #pragma unroll
-    for (int j = 0; j < VPL; ++j) logit_key[j] = score_key(x[j]);
-    float exp_shifted[VPL];
-    if constexpr (!kSigmoid) {
-      uint32_t lane_max = kTakenKey;
-#pragma unroll
-      for (int j = 0; j < VPL; ++j) lane_max = max(lane_max, logit_key[j]);  // padding is NaN: kInvalidKey
-      const uint32_t max_key = __reduce_max_sync(kFullMask, lane_max);
-      if (max_key > kInvalidKey) row_max = key_to_float(max_key);
-      exp_sum = softmax_exp_sum<VPL>(x, row_max, exp_shifted);
+    for (int j = 0; j < VPL; ++j) lane_max = max(lane_max, score_key(x[j]));  // padding is NaN: kInvalidKey
+    const uint32_t max_key = __reduce_max_sync(kFullMask, lane_max);
+    if (max_key > kInvalidKey) row_max = key_to_float(max_key);
+    exp_sum = softmax_exp_sum<VPL>(x, row_max, exp_shifted);
+  }
+  const float inv_exp_sum = __frcp_rn(fmaxf(exp_sum, FLT_MIN));
+  // p of a valid logit on the bias path: the sigmoid bitwise like torch, or the softmax
+  // probability from exp(x - max) (one expression, so a recomputation gives the same bits).
+  const auto biased_prob = [&](float logit, float shifted) {
+    if constexpr (kSigmoid) {
+      return sigmoid_like_torch(logit);
+    } else {
+      return shifted * inv_exp_sum;
     }
-    const float inv_exp_sum = __frcp_rn(fmaxf(exp_sum, FLT_MIN));
+  };
+  // The selection key of an expert with valid logit `logit` on the bias path: p + bias in fp32,
+  // correctly rounded without flushing (inline PTX: never contracted with p's computation).
+  const auto biased_key = [](float prob, float expert_bias) {
+    return score_key(clamp_infinity(add_keep_subnormal(prob, clamp_infinity(expert_bias))));
+  };
+
+  // The lane's entries, and what lane r needs of its expert after the rounds: with a bias, p
+  // (sigmoid) or the logit (softmax), fetched from the owner lane by shuffles.
+  Entry list[VPL];
+  float carried[VPL];
+  uint32_t lane_max_key = kTakenKey;  // the lane's best key, before groups drop any
 #pragma unroll
-    for (int j = 0; j < VPL; ++j) {
-      uint32_t key = logit_key[j];
-      if (key > kInvalidKey) {
-        float prob;
-        if constexpr (kSigmoid) {
-          prob = __frcp_rn(1.0f + exp_flush_subnormal(-x[j]));
+  for (int j = 0; j < VPL; ++j) {
+    uint32_t key;
+    if constexpr (kHasBias) {
+      const bool valid = !is_nan(x[j]);
+      const float prob = valid ? biased_prob(x[j], kSigmoid ? 0.0f : exp_shifted[j]) : 0.0f;
+      key = valid ? biased_key(prob, bias[j]) : kInvalidKey;
+      carried[j] = kSigmoid ? prob : x[j];
+    } else {
+      key = kHalfKeys ? half_key<F>(raw[j]) : score_key(x[j]);
+    }
+    lane_max_key = max(lane_max_key, key);
+    list[j] = make_entry<Entry>(key, first + j);
+  }
+
+  // Groups whose shape is not a power of two of whole lanes: lane g < n_group scores group g by
+  // scanning its experts in memory with the expressions above (the same bits as their owners'
+  // keys), then each lane drops its experts of unkept groups before sorting.
+  const auto decode = [](uint32_t key) {
+    if constexpr (kHalfKeys) {
+      return half_key_to_float<F>(key);
+    } else {
+      return key_to_float(key);
+    }
+  };
+  const bool best_only = s.group_max || s.group_size == 1;
+  if (kGrouped && s.lanes_per_group == 0) {
+    uint32_t best = kTakenKey;
+    uint32_t second = kTakenKey;
+    if (lane < s.n_group) {
+      const int begin = lane * s.group_size;
+#pragma unroll 4
+      for (int e = begin; e < begin + s.group_size; ++e) {
+        const S bits = row[e];
+        uint32_t key;
+        if constexpr (kHasBias) {
+          const float logit = clamp_infinity(logit_to_float<F>(bits));
+          const float shifted = kSigmoid ? 0.0f : exp_flush_subnormal(logit - row_max);
+          key = is_nan(logit) ? kInvalidKey
+                              : biased_key(biased_prob(logit, shifted), load_bias(s.bias, s.bias_format, e));
         } else {
-          prob = exp_shifted[j] * inv_exp_sum;
+          key = kHalfKeys ? half_key<F>(bits) : score_key(clamp_infinity(logit_to_float<F>(bits)));
         }
-        const float bias = clamp_infinity(load_bias(s.bias, s.bias_format, first + j));
-        key = score_key(clamp_infinity(prob + bias));
+        second = max(second, min(best, key));
+        best = max(best, key);
       }
-      list[j] = make_entry<Entry>(key, first + j);
     }
-  } else {
+    const uint32_t group_key = lane < s.n_group ? group_key_of(best, second, best_only, decode) : kTakenKey;
+    const unsigned kept_groups = __ballot_sync(kFullMask, group_is_kept(group_key, lane, 1, s));
 #pragma unroll
     for (int j = 0; j < VPL; ++j) {
-      const uint32_t key = kHalfKeys ? half_key<F>(raw[j]) : score_key(x[j]);
-      list[j] = make_entry<Entry>(key, first + j);
+      const int group = (first + j) / s.group_size;
+      if (group >= s.n_group || !((kept_groups >> group) & 1u)) list[j] = Entry(0);
     }
   }
   sort_descending<VPL>(list);
@@ -484,12 +531,24 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
   // Without a bias, softmax needs the row's largest logit: the first round's key, unless
   // groups may drop the expert that holds it.
   uint32_t max_key = kTakenKey;
-  if constexpr (kGrouped) {
-    if constexpr (!kHasBias && !kSigmoid) max_key = __reduce_max_sync(kFullMask, entry_key(list[0]));
-    if constexpr (kHalfKeys) {
-      drop_unkept_groups<VPL>(list, s, lane, [](uint32_t key) { return half_key_to_float<F>(key); });
-    } else {
-      drop_unkept_groups<VPL>(list, s, lane, [](uint32_t key) { return key_to_float(key); });
+  if constexpr (kGrouped && !kHasBias && !kSigmoid) max_key = __reduce_max_sync(kFullMask, lane_max_key);
+  if (kGrouped && s.lanes_per_group > 0) {
+    // A group is lanes_per_group aligned lanes (a power of two): a butterfly over them merges
+    // the lanes' sorted (best, second best) keys, so every lane of a group holds its score;
+    // the lanes of unkept groups (and lanes past E) drop all their entries.
+    uint32_t best = entry_key(list[0]);
+    uint32_t second = VPL > 1 ? entry_key(list[VPL > 1 ? 1 : 0]) : kTakenKey;
+    for (int offset = 1; offset < s.lanes_per_group; offset *= 2) {
+      const uint32_t other_best = __shfl_xor_sync(kFullMask, best, offset);
+      const uint32_t other_second = __shfl_xor_sync(kFullMask, second, offset);
+      second = max(min(best, other_best), max(second, other_second));
+      best = max(best, other_best);
+    }
+    const int group = lane / s.lanes_per_group;
+    const uint32_t group_key = group < s.n_group ? group_key_of(best, second, best_only, decode) : kTakenKey;
+    if (!group_is_kept(group_key, group, s.lanes_per_group, s)) {
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) list[j] = Entry(0);
     }
   }
 
@@ -518,39 +577,50 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
     list[VPL - 1] = is_winner ? Entry(0) : list[VPL - 1];
   }
   const uint32_t selected_key = entry_key(selected);  // kTakenKey in lanes >= k
-  const int selected_id = entry_expert(selected);
+  const int selected_id = entry_expert(selected);     // 511 in lanes >= k
 
-  // Without a bias the keys decode to the clamped logits. With a bias, reload the logit (an
-  // L1 hit, or shared memory).
+  // Weights: lane r < k computes p of its expert. Without a bias the keys decode to the clamped
+  // logits; with one, the owner lane's carried value comes over by VPL independent shuffles
+  // (no second memory access). Softmax weights use exp within 1 ulp, and without a bias and
+  // renormalized, exp(x - max) only, which the renormalization turns into p / sum of the chosen p.
+  float weight = 0.0f;
   float selected_logit = __uint_as_float(0x7fffffffu);  // NaN: invalid
   if constexpr (kHasBias) {
-    if (lane < s.k) selected_logit = clamp_infinity(logit_to_float<F>(row[selected_id]));
+    const int owner = (selected_id / VPL) % kWarpSize;
+    const int slot = selected_id % VPL;
+    float picked = 0.0f;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      const float value = __shfl_sync(kFullMask, carried[j], owner);
+      if (slot == j) picked = value;
+    }
+    if constexpr (kSigmoid) {
+      if (lane < s.k) weight = picked;  // 0 for a NaN logit
+    } else {
+      selected_logit = picked;
+    }
   } else {
     const float decoded = key_to_logit<F, kHalfKeys>(selected_key);  // branch-free, kept if valid
     if (selected_key > kInvalidKey) selected_logit = decoded;
     if constexpr (!kSigmoid) {
       if (max_key > kInvalidKey) row_max = key_to_logit<F, kHalfKeys>(max_key);
       // Renormalized softmax weights are exp(x - max) / their sum: exp_sum cancels.
-      if (!s.renormalize) {
-        float exp_shifted[VPL];
-        exp_sum = softmax_exp_sum<VPL>(x, row_max, exp_shifted);
-      }
+      if (!s.renormalize) exp_sum = softmax_exp_sum<VPL>(x, row_max, exp_shifted);
     }
   }
-
-  // Weights: lane r < k computes p of its expert (without a bias, softmax and renormalized:
-  // exp(x - max) only, which the renormalization turns into p / sum of the chosen p).
-  float weight = 0.0f;
   if (lane < s.k && !is_nan(selected_logit)) {
     if constexpr (kSigmoid) {
-      weight = div_keep_subnormal(1.0f, add_keep_subnormal(1.0f, exp_accurate(-selected_logit)));
+      weight = sigmoid_like_torch(selected_logit);
     } else {
       const float shifted = exp_accurate(selected_logit - row_max);
       weight = !kHasBias && s.renormalize ? shifted : div_keep_subnormal(shifted, exp_sum);
     }
   }
   if (s.renormalize) {
-    const float total = warp_sum_keep_subnormal(weight, s.k_lanes);  // lanes >= k hold 0
+    // The reference's sum: the k weights added left to right in rank order, in fp32.
+    float total = 0.0f;
+#pragma unroll 4
+    for (int r = 0; r < s.k; ++r) total = add_keep_subnormal(total, __shfl_sync(kFullMask, weight, r));
     // As the reference: divide by the total when it is > 0, even a subnormal one (a bit
     // test: fast-math comparisons flush a subnormal total to 0), else every weight is 1/k.
     weight = __float_as_int(total) > 0 ? div_keep_subnormal(weight, total) : s.uniform_weight;

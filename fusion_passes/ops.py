@@ -196,14 +196,24 @@ def topk_routing_reference(
        experts are candidates below. n_group=1 keeps every expert.
     5. ids: the k best candidates, valid ones first by descending selection score, ties to
        the lower index; then invalid ones by index. So every row gets k distinct ids.
-    6. weights = p[ids] (fp32). With renormalize, divided by their sum; a zero sum (e.g. an
-       all-NaN row) gives 1/k each.
+    6. weights = p[ids] (fp32). With renormalize, divided by their sum, added left to right
+       in rank order in fp32 (a defined order, so that a kernel can reproduce it); a zero sum
+       (e.g. an all-NaN row) gives 1/k each.
     """
     check_topk_routing_args(logits, k, scoring, correction_bias, n_group, topk_group, group_score)
     if _cuda_kernel_loaded("topk_routing", logits):
         return torch.ops.fusion_passes.topk_routing(
             logits, k, scoring, renormalize, correction_bias, n_group, topk_group, group_score
         )
+    return topk_routing_in_torch(logits, k, scoring, renormalize, correction_bias, n_group, topk_group, group_score)
+
+
+def topk_routing_in_torch(
+    logits, k, scoring="softmax", renormalize=True, correction_bias=None, n_group=1, topk_group=1, group_score="top2_sum"
+):
+    """The computation of `topk_routing_reference` in plain torch on the tensors' own device,
+    never redispatched to the kernel (arguments already checked): the CUDA tests compare the
+    kernel with it on the same GPU tensors."""
     x = _clamp_infinities(logits)
     valid = ~torch.isnan(x)
     if scoring == "softmax":
@@ -231,7 +241,9 @@ def topk_routing_reference(
     ids = order[:, :k].contiguous()
     weights = p.gather(1, ids)
     if renormalize:
-        total = weights.sum(dim=-1, keepdim=True)
+        total = weights[:, :1]
+        for rank in range(1, k):
+            total = total + weights[:, rank : rank + 1]
         weights = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), 1.0 / k)
     return weights, ids
 
