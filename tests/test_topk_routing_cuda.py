@@ -3,23 +3,31 @@ against its own invariants.
 
 The `cuda` tests call the op on GPU tensors, which runs csrc/topk_routing.cu (the
 `kernel` fixture makes sure it is built and registered, so that no test silently
-compares the reference with itself), and compare with `topk_routing_reference` run on
-CPU copies. `test_reference_invariants` needs no GPU.
+compares the reference with itself), and compare with the reference's computation run in
+plain torch on the same GPU tensors (`topk_routing_in_torch`). `test_reference_invariants`
+needs no GPU.
 
-Inputs are drawn fresh on every run (the seed is in each failure message). Without a
-correction bias the selection score is the logit itself, so ids must be equal. With one it
-is p + bias, where p differs from the reference's by rounding: ids may then differ only
-between experts whose reference selection scores tie within rounding, and the weights are
-checked against the reference's p at the kernel's ids.
+Inputs are drawn fresh on every run (the seed is in each failure message). What must agree:
+- sigmoid scoring (with or without a correction bias, grouped or not, renormalized or not):
+  ids AND weights bitwise. The kernel computes p as torch.sigmoid does on CUDA, p + bias and
+  the group sums with IEEE fp32 adds, and the renormalization sum in the reference's order.
+- softmax without a bias: ids exactly (the selection score is the logit itself, and group
+  scores are exact sums of logits); weights within fp32 rounding (the kernel's exp and sum
+  order differ from torch's).
+- softmax with a bias: the selection score p + bias differs by rounding, so ids may differ
+  only between experts whose reference selection scores tie within rounding (and a row whose
+  group scores tie within rounding at the cut may keep either group); the weights are
+  checked against the reference's p at the kernel's ids.
 
-Every test runs ungrouped and group-limited (`grouping`): DeepSeek-V3-style groups chosen
-by `group_args` for the test's E and k, with either group score. Without a bias the group
-scores are exact on both sides, so ids must be equal; with one, a row whose reference group
-scores tie within rounding at the cut may keep either group.
+Every test runs ungrouped and group-limited (`grouping`): groups chosen by `group_args` for
+the test's E and k, with either group score, and shapes that are not a power of two of whole
+lanes (the kernel's scanning group path) where E has one; `test_group_shapes` covers the
+group shapes of real models and odd ones explicitly.
 """
 
 from __future__ import annotations
 
+import itertools
 import secrets
 
 import pytest
@@ -28,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fusion_passes import kernels
-from fusion_passes.ops import _clamp_infinities, topk_routing_reference
+from fusion_passes.ops import _clamp_infinities, topk_routing_in_torch, topk_routing_reference
 
 EXPERT_COUNTS = (1, 8, 16, 32, 60, 64, 128, 160, 256, 384, 512)
 TOKEN_COUNTS = (0, 1, 2, 3, 7, 31, 64, 127, 257, 1000, 4097, 8192)
@@ -36,12 +44,12 @@ SWEEP_TOKEN_COUNTS = TOKEN_COUNTS[:-2]  # the large counts run in test_token_cou
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCORINGS = ("softmax", "sigmoid")
 BIAS_KINDS = (None, "float32", "bfloat16")
-GROUPINGS = ("ungrouped", "grouped_top2_sum", "grouped_max")
+GROUPINGS = ("ungrouped", "grouped_top2_sum", "grouped_max", "grouped_scan")
 UNGROUPED = (1, 1, "top2_sum")
 FLT_MIN = torch.finfo(torch.float32).tiny
 
-# Weights agree to fp32 rounding: both sides use < 1 ulp exp and correctly rounded division;
-# sums are reduced in different orders. ATOL covers subnormal probabilities.
+# Softmax weights agree to fp32 rounding: both sides use < 1 ulp exp and correctly rounded
+# division; the softmax sums are reduced in different orders. ATOL covers subnormal probabilities.
 RTOL = 1e-5
 ATOL = 1e-6
 # Selection scores (p + bias) of experts the kernel may order either way.
@@ -53,14 +61,32 @@ def ks_for(num_experts: int) -> list[int]:
     return sorted({k for k in (1, 2, 4, 6, 8, num_experts) if k <= min(num_experts, 32)})
 
 
+def experts_per_lane(num_experts: int) -> int:
+    """The kernel's experts per lane (csrc/topk_select.cuh, experts_per_lane)."""
+    return next(b for b in (1, 2, 4, 6, 8, 12, 16) if 32 * b >= num_experts)
+
+
+def butterfly_groups(num_experts: int, n_group: int) -> bool:
+    """Whether the kernel scores these groups by its butterfly (a power of two of whole
+    lanes a group), not by scanning."""
+    group_size, vpl = num_experts // n_group, experts_per_lane(num_experts)
+    lanes = group_size // vpl
+    return group_size % vpl == 0 and lanes & (lanes - 1) == 0
+
+
 def group_args(grouping: str, num_experts: int, k: int) -> tuple[int, int, str]:
     """(n_group, topk_group, group_score) for a test: 8 groups where E allows (else the
-    smallest divisor of E among 4, 2, 3, 5), half of them kept, more if k needs them."""
+    smallest divisor of E among 4, 2, 3, 5); for "grouped_scan" the first divisor that the
+    kernel scans (none when E is a power of two: then as "grouped_top2_sum"). Half of the
+    groups kept, more if k needs them."""
     if grouping == "ungrouped":
         return UNGROUPED
     n_group = next((d for d in (8, 4, 2, 3, 5) if num_experts % d == 0 and d < num_experts), 1)
     if num_experts == 8:
         n_group = 8  # single-expert groups
+    if grouping == "grouped_scan":
+        divisors = (3, 5, 6, 10, 12, 32, 2, 4)
+        n_group = next((d for d in divisors if num_experts % d == 0 and not butterfly_groups(num_experts, d)), n_group)
     topk_group = max(1, n_group // 2)
     while k > topk_group * (num_experts // n_group):
         topk_group += 1
@@ -97,10 +123,11 @@ def make_bias(kind: str | None, num_experts: int, gen: torch.Generator) -> torch
 
 
 def reference_probs(logits: torch.Tensor, scoring: str) -> torch.Tensor:
-    """p of every expert, taken from the reference itself (k=E, no bias, no renormalization)."""
+    """p of every expert, taken from the reference itself (k=E, no bias, no renormalization),
+    on the logits' device."""
     num_experts = logits.shape[1]
-    weights, ids = topk_routing_reference(logits, num_experts, scoring, False, None)
-    return torch.zeros(weights.shape, dtype=torch.float32).scatter_(1, ids, weights)
+    weights, ids = topk_routing_in_torch(logits, num_experts, scoring, False, None)
+    return torch.zeros_like(weights).scatter_(1, ids, weights)
 
 
 def selection_keys(logits: torch.Tensor, probs: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -146,20 +173,35 @@ def group_scores(keys: torch.Tensor, n_group: int, group_score: str) -> torch.Te
     return top2[..., 0] + top2[..., 1]
 
 
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str, msg: str) -> None:
+    """Same bits (floats compared as integers: -0 is not 0), else the first differing row."""
+    bits = (lambda t: t.view(torch.int32)) if actual.dtype == torch.float32 else (lambda t: t)
+    differ = (bits(actual) != bits(expected)).any(dim=-1)
+    if bool(differ.any()):
+        row = int(differ.nonzero()[0])
+        raise AssertionError(
+            f"{what} differ in {int(differ.sum())} rows {msg}; first row {row}:\n"
+            f"kernel    {actual[row].tolist()}\nreference {expected[row].tolist()}"
+        )
+
+
 def assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids, msg="", groups=UNGROUPED):
-    logits_cpu = logits.cpu()
-    bias_cpu = None if bias is None else bias.cpu()
-    weights, ids = weights.cpu(), ids.cpu()
-    ref_weights, ref_ids = topk_routing_reference(logits_cpu, k, scoring, renormalize, bias_cpu, *groups)
-    probs = reference_probs(logits_cpu, scoring)
-    selected_probs = probs.gather(1, ids)
+    """The kernel's (weights, ids) against the reference computed on the same tensors (see the
+    module docstring for what must agree)."""
+    ref_weights, ref_ids = topk_routing_in_torch(logits, k, scoring, renormalize, bias, *groups)
     assert_routing_invariants(weights, ids, logits.shape[1], k, renormalize, msg)
+    if scoring == "sigmoid":
+        assert_bitwise_equal(ids, ref_ids, "ids", msg)
+        assert_bitwise_equal(weights, ref_weights, "weights", msg)
+        return
     if bias is None:
-        torch.testing.assert_close(ids, ref_ids, rtol=0, atol=0, msg=lambda m: f"ids differ {msg}\n{m}")
+        assert_bitwise_equal(ids, ref_ids, "ids", msg)
         torch.testing.assert_close(weights, ref_weights, rtol=RTOL, atol=ATOL, msg=lambda m: f"weights {msg}\n{m}")
         return
-    keys = selection_keys(logits_cpu, probs, bias_cpu)
-    rows = torch.ones(ids.shape[0], dtype=torch.bool)
+    probs = reference_probs(logits, scoring)
+    selected_probs = probs.gather(1, ids)
+    keys = selection_keys(logits, probs, bias)
+    rows = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     n_group, topk_group, group_score = groups
     if n_group > 1 and ids.shape[0]:
         # Rows whose group cut is a tie within rounding may keep either group; every id must
@@ -253,9 +295,9 @@ def test_ties_go_to_lower_index_with_bias(kernel, scoring):
             logits = levels.to(dtype).cuda()
             k = min(8, num_experts)
             weights, ids = run_op(logits, k, scoring, True, bias.cuda())
-            ref_weights, ref_ids = topk_routing_reference(logits.cpu(), k, scoring, True, bias)
-            torch.testing.assert_close(ids.cpu(), ref_ids, rtol=0, atol=0, msg=f"seed={seed} E={num_experts}")
-            torch.testing.assert_close(weights.cpu(), ref_weights, rtol=RTOL, atol=ATOL)
+            ref_weights, ref_ids = topk_routing_in_torch(logits, k, scoring, True, bias.cuda())
+            assert_bitwise_equal(ids, ref_ids, "ids", f"[seed={seed} E={num_experts} {dtype}]")
+            torch.testing.assert_close(weights, ref_weights, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.cuda
@@ -299,7 +341,8 @@ def test_strided_and_misaligned_logits(kernel, grouping):
      (64, 64, torch.bfloat16), (256, 8, torch.float64), (40, 40, torch.float32)],
 )
 def test_out_of_scope_falls_back(kernel, num_experts, k, dtype):
-    """E > 512, k > 32 or fp64 logits run the composite path inside the op: same answer."""
+    """E > 512, k > 32 or fp64 logits run the composite path inside the op: same answer
+    (bitwise for sigmoid: the same torch operations)."""
     gen, seed = fresh_generator()
     for scoring in SCORINGS:
         for bias_kind in (None, "float32"):
@@ -312,6 +355,16 @@ def test_out_of_scope_falls_back(kernel, num_experts, k, dtype):
             weights, ids = run_op(logits, k, scoring, True, bias)
             msg = f"[seed={seed} E={num_experts} k={k} {dtype} {scoring} bias={bias_kind}]"
             assert_matches_reference(logits, k, scoring, True, bias, weights, ids, msg)
+
+
+@pytest.mark.cuda
+def test_more_than_32_groups_fall_back(kernel):
+    gen, seed = fresh_generator()
+    logits = make_logits(33, 128, torch.float32, gen).cuda()
+    for scoring in SCORINGS:
+        groups = (64, 8, "top2_sum")
+        weights, ids = run_op(logits, 8, scoring, True, None, groups)
+        assert_matches_reference(logits, 8, scoring, True, None, weights, ids, f"[seed={seed}]", groups)
 
 
 # --------------------------------------------------------------------------------- NaN and Inf
@@ -380,7 +433,8 @@ def test_cuda_graph_replay_with_nan_padding(kernel, scoring, with_bias, grouping
     """A captured call on a static [T_max, E] buffer whose unused rows hold NaN, replayed with
     new contents: real rows match the reference, padding rows get ids 0..k-1 and 1/k."""
     gen, seed = fresh_generator()
-    max_tokens, num_experts, k = 96, 256, 8
+    max_tokens, k = 96, 8
+    num_experts = 160 if grouping == "grouped_scan" else 256  # 256 has only butterfly groups
     groups = group_args(grouping, num_experts, k)
     static_logits = torch.full((max_tokens, num_experts), NAN, dtype=torch.bfloat16, device="cuda")
     bias = (torch.randn(num_experts, generator=gen) * 0.05).cuda() if with_bias else None
@@ -431,7 +485,8 @@ def test_back_to_back_calls_read_the_previous_results(kernel, grouping):
     the call it reads from has finished; it must see that call's results, eagerly and in a
     replayed CUDA graph whose buffers still hold the previous replay's values."""
     gen, seed = fresh_generator()
-    static_logits = make_logits(4096, 64, torch.float32, gen).cuda()
+    num_experts = 60 if grouping == "grouped_scan" else 64  # 64 has only butterfly groups
+    static_logits = make_logits(4096, num_experts, torch.float32, gen).cuda()
     for logits, weights, ids, groups in route_chain(static_logits, grouping):
         k = weights.shape[1]
         msg = f"[seed={seed} eager k={k} groups={groups}]"
@@ -445,7 +500,7 @@ def test_back_to_back_calls_read_the_previous_results(kernel, grouping):
     with torch.cuda.graph(graph):
         calls = route_chain(static_logits, grouping)
     for replay in range(3):
-        static_logits.copy_(make_logits(4096, 64, torch.float32, gen))
+        static_logits.copy_(make_logits(4096, num_experts, torch.float32, gen))
         graph.replay()
         torch.cuda.synchronize()
         for logits, weights, ids, groups in calls:
@@ -492,6 +547,69 @@ def test_bad_inputs_raise_value_error_like_the_reference(kernel):
         torch.ops.fusion_passes.topk_routing(torch.randn(4, 8, device="cuda"), 2, "softmax", True, torch.zeros(8))
 
 
+# -------------------------------------------------------------------------------- group shapes
+
+# (E, n_group, topk_group): DeepSeek-V3, and shapes that are not a power of two of whole lanes
+# (scanning path) next to aligned ones (butterfly path): groups smaller than a lane's experts,
+# groups that straddle lanes, single-expert groups, 32 groups.
+GROUP_SHAPES = (
+    (256, 8, 4), (160, 5, 2), (160, 10, 4), (160, 32, 8), (384, 12, 4), (384, 24, 6), (384, 32, 8),
+    (512, 2, 1), (512, 32, 4), (500, 25, 5), (96, 32, 8), (60, 3, 2), (33, 3, 1), (30, 30, 10), (5, 5, 2),
+)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_experts,n_group,topk_group", GROUP_SHAPES)
+def test_group_shapes(kernel, num_experts, n_group, topk_group):
+    """Every dtype, scoring, bias kind and renormalization on this group shape, the group
+    score alternating, with NaN rows, NaN members and +Inf; k up to 16."""
+    gen, seed = fresh_generator()
+    kept_experts = topk_group * (num_experts // n_group)
+    ks = sorted({k for k in (1, 2, 8, 16) if k <= kept_experts} | {min(kept_experts, 16)})
+    for dtype in LOGIT_DTYPES:
+        logits = make_logits(37, num_experts, dtype, gen)
+        logits[0] = NAN
+        logits[1, : num_experts // 2] = NAN
+        logits[2, :: max(1, num_experts // n_group)] = INF
+        logits = logits.cuda()
+        cases = itertools.product(ks, SCORINGS, (True, False), BIAS_KINDS)
+        for case, (k, scoring, renormalize, bias_kind) in enumerate(cases):
+            groups = (n_group, topk_group, ("top2_sum", "max")[case % 2])
+            bias = make_bias(bias_kind, num_experts, gen)
+            bias = None if bias is None else bias.cuda()
+            weights, ids = run_op(logits, k, scoring, renormalize, bias, groups)
+            msg = f"[seed={seed} E={num_experts} k={k} {dtype} {scoring} renorm={renormalize} bias={bias_kind} groups={groups}]"
+            assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids, msg, groups)
+
+
+# -------------------------------------------------------------------------- sigmoid like torch
+
+
+def every_16_bit_value(dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("source", ("bfloat16", "float16", "float32"))
+def test_sigmoid_is_torch_sigmoid_bitwise(kernel, source):
+    """p of the kernel (k = E = 32, no renormalization; with no bias and with a zero bias, the
+    two paths that compute it) is torch.sigmoid on CUDA of the clamped fp32 logit, bitwise, for
+    every bf16 and fp16 value and 4M fp32 bit patterns (NaN: p = 0)."""
+    gen, seed = fresh_generator()
+    if source == "float32":
+        values = torch.randint(-(2**31), 2**31, (2**22,), dtype=torch.int64, generator=gen).to(torch.int32)
+        values = values.view(torch.float32)
+    else:
+        values = every_16_bit_value(getattr(torch, source))
+    logits = values.reshape(-1, 32).cuda()
+    x = _clamp_infinities(logits)
+    expected = torch.sigmoid(x).masked_fill(torch.isnan(x), 0.0)
+    for bias in (None, torch.zeros(32, device="cuda")):
+        weights, ids = run_op(logits, 32, "sigmoid", False, bias)
+        probs = torch.zeros_like(weights).scatter_(1, ids, weights)
+        assert_bitwise_equal(probs, expected, "p", f"[seed={seed} {source} bias={bias is not None}]")
+
+
 # ----------------------------------------------------------------------- sanitizer smoke test
 
 
@@ -534,7 +652,7 @@ def kernel_cases(draw):
     """Logits picked at random from a small drawn palette (ties and special values) mixed
     with Gaussian noise, so that hypothesis explores values while E and T stay large."""
     num_experts = draw(st.sampled_from((1, 2, 3, 8, 31, 32, 33, 60, 64, 100, 128, 160, 193, 256, 300, 384, 500, 512)))
-    n_group = draw(st.sampled_from([d for d in (1, 2, 3, 4, 5, 8, 16, 32) if num_experts % d == 0]))
+    n_group = draw(st.sampled_from([d for d in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 32) if num_experts % d == 0]))
     topk_group = draw(st.integers(1, n_group))
     groups = (n_group, topk_group, draw(st.sampled_from(("top2_sum", "max"))))
     k = draw(st.integers(1, min(topk_group * (num_experts // n_group), 32)))
@@ -559,7 +677,7 @@ def kernel_cases(draw):
 
 
 @pytest.mark.cuda
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=kernel_cases())
 def test_kernel_matches_reference_fuzzed(kernel, case):
     logits, k, scoring, renormalize, bias, groups = case
