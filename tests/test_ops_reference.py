@@ -414,6 +414,21 @@ class TestTopkRoutingAgainstFloat64:
         torch.testing.assert_close(weights.double(), torch.softmax(top_logits, -1), rtol=1e-5, atol=1e-7)
 
     @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+    def test_renormalization_adds_the_weights_left_to_right_in_rank_order(self, scoring):
+        # A defined order (the CUDA kernel reproduces it bit for bit): w / (((w0 + w1) + w2) + ...)
+        # in fp32, where w are the weights without renormalization, in rank order.
+        g = torch.Generator().manual_seed(11)
+        logits = torch.randn(256, 64, generator=g) * 3
+        k = 8
+        weights, ids = topk_routing(logits, k, scoring, True, None)
+        raw, raw_ids = topk_routing(logits, k, scoring, False, None)
+        assert torch.equal(ids, raw_ids)
+        total = raw[:, 0]
+        for rank in range(1, k):
+            total = total + raw[:, rank]
+        assert torch.equal(weights, raw / total.unsqueeze(1))
+
+    @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
     def test_zero_tokens(self, scoring):
         weights, ids = topk_routing(torch.randn(0, 8), 2, scoring, True, None)
         assert_routing_invariants(weights, ids, 0, 2, 8, True)
