@@ -2,15 +2,17 @@
 topk_routing(router_gemm(...)) for every scoring form and group setting, across the token
 counts on both sides of the op's fused/two-kernel bound; against float64 logits; batch
 invariance; poisoned padding rows in CUDA-graph replay; the producer -> op -> consumer PDL
-chain under HBM load (the router GEMM's stress test, parametrized over the op); bad inputs
-with the two ops' messages. Inputs are fresh random numbers on every run; the seed is in
-every failure message."""
+chain under HBM load (the router GEMM's stress test, parametrized over the op); concurrent
+graphs on four streams; the arrival counters' ring wrapping; bad inputs with the two ops'
+messages. Every test runs on both paths of the op, forced: the fused kernel
+(csrc/router_routing.cu) wherever it can serve the call, and the two kernels. Inputs are
+fresh random numbers on every run; the seed is in every failure message."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_router_gemm_cuda import OPS, _bits, _inputs, _seed, chain_mismatches_under_load
+from test_router_gemm_cuda import OPS, _bits, _inputs, _poison_allocator, _seed, chain_mismatches_under_load
 from test_router_routing import ROUTINGS, bad_inputs
 
 import fusion_passes  # noqa: F401  (registers the ops)
@@ -34,6 +36,16 @@ TOKENS = [1, 2, 7, 16, 17, 64, 128, 129, 256, 1024]
 @pytest.fixture(scope="module", autouse=True)
 def _kernels_loaded():
     assert kernels.load(), kernels.load_error()
+
+
+@pytest.fixture(autouse=True, params=["fused", "two_kernels"])
+def path(request):
+    """The op's path, forced: "fused" runs the fused kernel wherever both kernels serve the
+    call (at any T the router GEMM runs its kernel for), "two_kernels" never."""
+    OPS._router_routing_set_path(request.param)
+    yield request.param
+    OPS._router_routing_set_path("auto")
+    OPS._router_routing_set_max_tokens(-1)
 
 
 def make_case(tokens, hidden, experts, routing, dtype, seed):
@@ -64,6 +76,7 @@ def test_bitwise_the_two_ops(case, dtype, logits_dtype):
     seed = _seed()
     for tokens in TOKENS:
         x, w, b, routing_args = make_case(tokens, hidden, experts, routing, dtype, seed + tokens)
+        _poison_allocator(tokens * routing_args[0] * 8)  # rows the op failed to write would show
         got = OPS.router_routing(x, w, b, *routing_args, logits_dtype)
         assert_same(got, two_ops(x, w, b, routing_args, logits_dtype), f"T={tokens} seed={seed}")
 
@@ -160,3 +173,118 @@ def test_bad_inputs_get_the_two_ops_messages(index):
     overrides = {name: v.cuda() if isinstance(v, torch.Tensor) else v for name, v in overrides.items()}
     with pytest.raises(ValueError, match=f"^{op}:"):
         OPS.router_routing(*{**good, **overrides}.values())
+
+
+@pytest.mark.parametrize("logits_dtype", [None, torch.float32])
+def test_strided_and_single_rows(logits_dtype):
+    """Aligned strided rows of x, a row stride of 0 (expanded) and T = 1 with any stride: the
+    fused kernel reads x as the router GEMM kernel does."""
+    seed = _seed()
+    hidden, experts, routing = MODEL_CASES[1]
+    _, w, b, routing_args = make_case(1, hidden, experts, routing, torch.bfloat16, seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    base = torch.randn(24, hidden + 16, generator=gen, device="cuda").to(torch.bfloat16)
+    for name, x in [
+        ("strided", base[:, 8 : 8 + hidden]),
+        ("expanded", base[:1, :hidden].expand(9, hidden)),
+        ("one row", base[3:4, 8 : 8 + hidden]),
+    ]:
+        got = OPS.router_routing(x, w, b, *routing_args, logits_dtype)
+        assert_same(got, two_ops(x, w, b, routing_args, logits_dtype), f"{name} seed={seed}")
+
+
+def _kernel_names(call):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("case", MODEL_CASES[:4], ids=lambda c: f"H{c[0]}xE{c[1]}-g{c[2][4]}")
+def test_the_path_runs_its_kernels(case, path):
+    """Forced fused: one kernel, router_routing_kernel. Two kernels: the router GEMM's and
+    the routing's. Automatic: fused up to _router_routing_fused_max_tokens, then two kernels."""
+    hidden, experts, routing = case
+    x, w, b, routing_args = make_case(16, hidden, experts, routing, torch.bfloat16, _seed())
+    names = _kernel_names(lambda: OPS.router_routing(x, w, b, *routing_args, None))
+    if path == "fused":
+        assert len(names) == 1 and "router_routing_kernel" in names[0], names
+    else:
+        assert any("router_gemm_kernel" in n for n in names) and any("topk_routing_kernel" in n for n in names)
+        assert not any("router_routing_kernel" in n for n in names), names
+    OPS._router_routing_set_path("auto")
+    bound = OPS._router_routing_fused_max_tokens(hidden, experts)
+    assert 8 <= bound <= OPS._router_gemm_kernel_max_tokens(hidden, experts)
+    x, w, b, routing_args = make_case(bound + 1, hidden, experts, routing, torch.bfloat16, _seed())
+    for tokens, fused in ((bound, True), (bound + 1, False)):
+        names = _kernel_names(lambda: OPS.router_routing(x[:tokens], w, b, *routing_args, None))
+        assert any("router_routing_kernel" in n for n in names) == fused, f"T={tokens} bound={bound}: {names}"
+
+
+def test_fused_bound_settings():
+    OPS._router_routing_set_path("auto")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    # One wave of two CTAs an SM: clusters of 8 CTAs (H = 2880) x 8 tiles of 16 experts, 8 tokens a tile.
+    one_wave = 8 * (2 * sms // 64)
+    gemm_bound = OPS._router_gemm_kernel_max_tokens(2880, 128)
+    assert OPS._router_routing_fused_max_tokens(2880, 128) == min(one_wave, gemm_bound)
+    OPS._router_routing_set_max_tokens(24)
+    assert OPS._router_routing_fused_max_tokens(2880, 128) == 24
+    OPS._router_routing_set_max_tokens(10_000)
+    assert OPS._router_routing_fused_max_tokens(2880, 128) == OPS._router_gemm_kernel_max_tokens(2880, 128)
+    with pytest.raises(ValueError, match="max_tokens"):
+        OPS._router_routing_set_max_tokens(-2)
+    with pytest.raises(ValueError, match="path must be one of"):
+        OPS._router_routing_set_path("both")
+
+
+def test_arrival_counters_wrap_around():
+    """Thousands of calls of mixed T take the ring of arrival counters around more than once
+    (each call takes one counter per 8 tokens and leaves it at zero): every call still routes
+    every row, bitwise as the two ops."""
+    seed = _seed()
+    hidden, experts, routing = MODEL_CASES[0]
+    x, w, b, routing_args = make_case(64, hidden, experts, routing, torch.bfloat16, seed)
+    want = [two_ops(x[:t], w, b, routing_args) for t in (1, 9, 64)]
+    outs = []
+    for i in range(2400):  # 2400 * (1 + 2 + 8) / 3 tiles > 2 * 2**14 counters
+        t = (1, 9, 64)[i % 3]
+        out = OPS.router_routing(x[:t], w, b, *routing_args, None)
+        if i % 97 == 0 or i >= 2397:
+            outs.append((i % 3, out))
+    for which, out in outs:
+        assert_same(out, want[which], f"T={(1, 9, 64)[which]} seed={seed}")
+
+
+def test_concurrent_graphs_on_four_streams():
+    """Four graphs of 50 calls each (the model shapes, different T), replayed at the same time
+    on four streams, 20 times: the calls share the SMs and the counter ring without disturbing
+    each other. Every output equals its eager value bitwise."""
+    seed = _seed()
+    calls_per_graph = 50
+    work = []
+    for i, (hidden, experts, routing) in enumerate(MODEL_CASES[:4]):
+        tokens = (1, 16, 9, 3)[i]
+        seeds = [seed + 100 * i + c for c in range(calls_per_graph)]
+        cases = [make_case(tokens, hidden, experts, routing, torch.bfloat16, s) for s in seeds]
+        expected = [OPS.router_routing(x, w, b, *args, None) for x, w, b, args in cases]
+        work.append((cases, expected))
+    streams = [torch.cuda.Stream() for _ in work]
+    graphs, outs = [], []
+    for (cases, _), stream in zip(work, streams):
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            outs.append([OPS.router_routing(x, w, b, *args, None) for x, w, b, args in cases])
+        graphs.append(graph)
+    torch.cuda.synchronize()
+    for _ in range(20):
+        for graph, stream in zip(graphs, streams):
+            with torch.cuda.stream(stream):
+                graph.replay()
+        torch.cuda.synchronize()
+        for i, (_, expected) in enumerate(work):
+            for c in range(calls_per_graph):
+                assert_same(outs[i][c], expected[c], f"shape {MODEL_CASES[i][:2]} call {c} seed={seed}")

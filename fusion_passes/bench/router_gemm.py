@@ -15,7 +15,9 @@ rotating inputs, 50 calls per CUDA graph, median of 20 replays), every column of
 the same run: the router GEMM (as shipped, and the kernel variants: release of the
 dependents after the last store instead of at the start, the tile rule filling 2 or 4 CTAs
 an SM, weight loads before griddepcontrol.wait), cuBLAS, and the router + routing of the shape's model:
-``fusion_passes::router_routing``, our two ops one after the other, and stock Inductor's
+``fusion_passes::router_routing`` as shipped (``fused``: its fused kernel up to its token bound),
+with its path forced (``fused_kernel``: the one kernel at every T the router GEMM kernel serves;
+``two_kernels``: its two-kernel path), our two ops one after the other, and stock Inductor's
 compiled F.linear + routing (softmax top-k for the gpt-oss/Qwen shapes, DeepSeek-V3's
 grouped sigmoid top-8 for 7168x256). Writes ``router_routing.json``.
 
@@ -222,28 +224,51 @@ def _routing_point(hidden, experts, tokens, dtype, stock) -> dict:
     def x():
         return xs[next(turn) % ROTATING_INPUTS]
 
-    def gemm_variant(release_at_start, ctas_per_sm, early_loads):
+    def gemm_settings(release_at_start, ctas_per_sm, early_loads):
+        # Host-side settings, read when the kernel is launched (so when it is captured).
+        ops._router_gemm_set_release_at_start(release_at_start)
+        ops._router_gemm_set_ctas_per_sm(ctas_per_sm)
+        ops._router_gemm_set_weight_loads_before_wait(early_loads)
+
+    def gemm_variant(*variant):
         def call():
-            # Host-side settings, read when the kernel is launched (so when it is captured).
-            ops._router_gemm_set_release_at_start(release_at_start)
-            ops._router_gemm_set_ctas_per_sm(ctas_per_sm)
-            ops._router_gemm_set_weight_loads_before_wait(early_loads)
+            gemm_settings(*variant)
             ops.router_gemm(x(), w, b, None)
 
         return call
 
     routing_args = (k, scoring, renormalize, c, n_group, topk_group, "top2_sum")
+
+    def routing_path(path):
+        def call():
+            gemm_settings(*GEMM_VARIANTS["ours"])  # the router GEMM's as shipped
+            ops._router_routing_set_path(path)
+            ops.router_routing(x(), w, b, *routing_args, None)
+
+        return call
+
+    def two_ops():
+        gemm_settings(*GEMM_VARIANTS["ours"])
+        ops.topk_routing(ops.router_gemm(x(), w, b, None), *routing_args)
+
     fns = {name: gemm_variant(*variant) for name, variant in GEMM_VARIANTS.items()}
     fns["cublas"] = lambda: F.linear(x(), w, b)
-    fns["fused"] = lambda: ops.router_routing(x(), w, b, *routing_args, None)
-    fns["two_ops"] = lambda: ops.topk_routing(ops.router_gemm(x(), w, b, None), *routing_args)
+    fns["fused"] = routing_path("auto")
+    fns["fused_kernel"] = routing_path("fused")
+    fns["two_kernels"] = routing_path("two_kernels")
+    fns["two_ops"] = two_ops
     fns["inductor"] = lambda: stock(x(), w, b, c, k, scoring, n_group, topk_group)
     try:
         times = graph_times_us(fns, CALLS_PER_GRAPH, replays_per_sample=1, samples=REPLAYS)
     finally:
         for setting, default in zip(("release_at_start", "ctas_per_sm", "weight_loads_before_wait"), (True, 1, False)):
             getattr(ops, f"_router_gemm_set_{setting}")(default)
-    return {"H": hidden, "E": experts, "T": tokens, "k": k, "scoring": scoring, "n_group": n_group, **times}
+        ops._router_routing_set_path("auto")
+    fused_bound = ops._router_routing_fused_max_tokens(hidden, experts)
+    return {
+        "H": hidden, "E": experts, "T": tokens, "k": k, "scoring": scoring, "n_group": n_group,
+        "fused_max_tokens": fused_bound, **times,
+    }  # fmt: skip
 
 
 def _routing_table(shapes, tokens_list, dtype, out_dir: Path, meta: dict) -> None:
@@ -251,7 +276,7 @@ def _routing_table(shapes, tokens_list, dtype, out_dir: Path, meta: dict) -> Non
 
     stock = torch.compile(stock_router_routing, dynamic=True)
     rows = []
-    columns = [*GEMM_VARIANTS, "cublas", "fused", "two_ops", "inductor"]
+    columns = [*GEMM_VARIANTS, "cublas", "fused", "fused_kernel", "two_kernels", "two_ops", "inductor"]
     print(f"# acceptance method: one weight, {ROTATING_INPUTS} rotating inputs, {CALLS_PER_GRAPH} calls a graph, "
           f"median of {REPLAYS} replays; us per call")  # fmt: skip
     print(f"{'H x E':>10} {'T':>5} " + " ".join(f"{c:>19}" for c in columns))
