@@ -334,8 +334,8 @@ fused_allreduce_rmsnorm = torch.ops.fusion_passes.fused_allreduce_rmsnorm.defaul
 
 # ------------------------------------------------------------------- router_routing
 # The router GEMM and the routing of its logits as one op: exactly
-# topk_routing(router_gemm(x, weight, bias, logits_dtype), k, ...). Its CUDA kernel
-# (csrc/router_routing.cu) keeps the logits on chip at decode sizes.
+# topk_routing(router_gemm(x, weight, bias, logits_dtype), k, ...). Its CUDA implementation
+# (csrc/router_routing.cu) runs one kernel at decode sizes (the logits pass through L2 only).
 
 _lib.define(
     "router_routing(Tensor x, Tensor weight, Tensor? bias, int k, str scoring=\"softmax\", "
