@@ -6,9 +6,14 @@ chain under HBM load (the router GEMM's stress test, parametrized over the op); 
 graphs on four streams; the arrival counters' ring wrapping; bad inputs with the two ops'
 messages. Every test runs on both paths of the op, forced: the fused kernel
 (csrc/router_routing.cu) wherever it can serve the call, and the two kernels. Inputs are
-fresh random numbers on every run; the seed is in every failure message."""
+fresh random numbers on every run; the seed is in every failure message.
+
+Run as a script (``python tests/test_router_routing_cuda.py``) it drives a small workload of the
+fused kernel for compute-sanitizer instead (memcheck, racecheck, synccheck)."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -289,3 +294,48 @@ def test_concurrent_graphs_on_four_streams():
         for i, (_, expected) in enumerate(work):
             for c in range(calls_per_graph):
                 assert_same(outs[i][c], expected[c], f"shape {MODEL_CASES[i][:2]} call {c} seed={seed}")
+
+
+def sanitizer_workload() -> int:
+    """Every routing setting and the model shapes at a few T through the fused kernel (forced),
+    each bitwise against the two kernels; a CUDA graph with the counter ring in use."""
+    assert kernels.load(), kernels.load_error()
+    failures = calls = 0
+    for hidden, experts, routing in MODEL_CASES + SETTING_CASES:
+        for tokens in (1, 9, 33):
+            for logits_dtype in (None, torch.float32):
+                seed = _seed()
+                x, w, b, routing_args = make_case(tokens, hidden, experts, routing, torch.bfloat16, seed)
+                OPS._router_routing_set_path("two_kernels")
+                want = OPS.router_routing(x, w, b, *routing_args, logits_dtype)
+                OPS._router_routing_set_path("fused")
+                got = OPS.router_routing(x, w, b, *routing_args, logits_dtype)
+                calls += 1
+                try:
+                    assert_same(got, want, f"H={hidden} E={experts} {routing} T={tokens} {logits_dtype} seed={seed}")
+                except AssertionError as exc:
+                    failures += 1
+                    print("FAIL", exc)
+    hidden, experts, routing = MODEL_CASES[1]
+    x, w, b, routing_args = make_case(16, hidden, experts, routing, torch.bfloat16, _seed())
+    want = OPS.router_routing(x, w, b, *routing_args, None)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [OPS.router_routing(x, w, b, *routing_args, None) for _ in range(4)]
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    for out in outs:
+        calls += 1
+        try:
+            assert_same(out, want, "graph replay")
+        except AssertionError as exc:
+            failures += 1
+            print("FAIL", exc)
+    OPS._router_routing_set_path("auto")
+    print(f"sanitizer workload: {calls} checked calls, {failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(sanitizer_workload())
