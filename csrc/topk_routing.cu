@@ -2,10 +2,10 @@
 //
 // Semantics: exactly those of `topk_routing_reference` in fusion_passes/ops.py (its docstring is
 // the specification). In scope for the kernel: logits fp32/bf16/fp16, 1 <= E <= 512, k <= 32,
-// correction bias fp32/bf16/fp16/fp64, and group-limited selection when a group of E/n_group
-// experts is a power of two of whole lanes (n_group <= 32; e.g. DeepSeek-V3's 256 = 8 x 32:
-// 4 lanes of 8). Anything else valid runs `topk_routing_composite` below, the reference written
-// with ATen ops, so valid input never errors.
+// correction bias fp32/bf16/fp16/fp64, and group-limited selection with n_group <= 32 (any
+// group shape). Anything else valid runs `topk_routing_composite` below, the reference written
+// with ATen ops, so valid input never errors. Sigmoid forms are bitwise equal to the reference
+// run by torch on the GPU, ids and weights; softmax forms as docs/ops.md says.
 //
 // The per-row code is `route_row` in csrc/topk_select.cuh, shared with the fused router +
 // routing kernel; this file holds the kernel around it (a row of global memory per warp), the
@@ -33,25 +33,28 @@
 //    held it shifts its list by one (VPL independent selects, the new head one of them). Lane r
 //    keeps the round-r entry, so the ids come out in descending order; all-invalid rows get
 //    ids 0..k-1 like the reference.
-//  * Groups (kGrouped): after the per-lane sort a lane's best two keys are its first two
-//    entries; a butterfly over the lanes of each group merges them into the group's best two,
-//    decoded to fp32 (invalid: -FLT_MAX) and added without flushing, as the reference adds them.
-//    topk_group rounds of the warp's best group key (ties: lowest lane, so lowest group) keep
-//    groups; the lanes of the others set their entries to 0 (taken), so the k rounds never see
-//    them and kept invalid experts still come last by index. The softmax max is then reduced
-//    over the heads before the drop, since the row's largest logit may sit in a dropped group.
-//  * Weights: lane r < k computes p of its expert with an exp within 1 ulp (range reduction,
-//    degree-7 polynomial; the --use_fast_math __expf loses |t|*1e-7 relative) and IEEE division
-//    and addition in inline PTX without .ftz, so subnormal probabilities and sums come out as
-//    the reference computes them (--use_fast_math flushes subnormals in C++ arithmetic).
-//    Renormalization sums over the k lanes; a zero sum gives 1/k (rounded from double on the
-//    host, as Python does).
+//  * Groups (kGrouped): when a group is a power of two of whole lanes (DeepSeek-V3's 256 =
+//    8 x 32: 4 lanes of 8), after the per-lane sort a lane's best two keys are its first two
+//    entries and a butterfly over the group's lanes merges them; otherwise lane g scores group g
+//    by scanning its experts in the row with the owners' expressions. Either way the group score
+//    is decoded to fp32 (invalid: -FLT_MAX) and added without flushing, as the reference adds
+//    them, and each lane ranks its group against all n_group group keys (independent shuffles;
+//    ties to the lower group). Experts of unkept groups get entry 0 (taken), so the k rounds
+//    never see them and kept invalid experts still come last by index. The softmax max is
+//    reduced before the drop, since the row's largest logit may sit in a dropped group.
+//  * Weights: sigmoid p is torch's (libdevice expf, IEEE add and division: sigmoid_like_torch);
+//    softmax p uses an exp within 1 ulp (range reduction, degree-7 polynomial; the
+//    --use_fast_math __expf loses |t|*1e-7 relative) and IEEE division. Arithmetic that must
+//    keep subnormals is inline PTX without .ftz (--use_fast_math flushes them in C++).
+//    Renormalization adds the k lanes' weights left to right in rank order, as the reference;
+//    a zero sum gives 1/k (rounded from double on the host, as Python does).
 //  * Without a bias the keys decode back to the clamped logits: round 0 yields the softmax max,
 //    lane r's entry its expert's logit, and for renormalized softmax weights, exp(x - max) / their
 //    sum, the softmax denominator cancels: that path (the common one) has no pass over the row
 //    after the rounds. Otherwise the softmax sum takes an exp of about 2 ulp (ex2.approx
 //    corrected for the rounding of t*log2(e)) and a warp reduction; with a bias, p + bias of
-//    every expert is needed before the rounds, and lane r reloads its logit.
+//    every expert is needed before the rounds (the bias loaded together with the logits), and
+//    lane r takes its expert's p or logit from the owner lane by shuffles.
 //  * Programmatic dependent launch: the kernel is launched with programmatic stream
 //    serialization and reads or writes global memory only after griddepcontrol.wait, which
 //    returns once the grids before it have completed and their stores are visible. It releases

@@ -257,6 +257,27 @@ __device__ __forceinline__ float load_bias(const void* bias, BiasFormat format, 
   }
 }
 
+// The bias values of the lane's experts [first, first + VPL) (0 past E): one switch on the
+// format around VPL independent loads, so they are all in flight together.
+template <int VPL>
+__device__ __forceinline__ void load_biases(const void* bias, BiasFormat format, int first, int num_experts,
+                                            float (&out)[VPL]) {
+  const auto load_all = [&](auto load_one) {
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) out[j] = first + j < num_experts ? load_one(first + j) : 0.0f;
+  };
+  switch (format) {
+    case BiasFormat::kFloat32:
+      return load_all([&](int e) { return load_bias(bias, BiasFormat::kFloat32, e); });
+    case BiasFormat::kBFloat16:
+      return load_all([&](int e) { return load_bias(bias, BiasFormat::kBFloat16, e); });
+    case BiasFormat::kFloat16:
+      return load_all([&](int e) { return load_bias(bias, BiasFormat::kFloat16, e); });
+    default:
+      return load_all([&](int e) { return load_bias(bias, BiasFormat::kFloat64, e); });
+  }
+}
+
 // ------------------------------------------------------------------------------ warp helpers
 
 // Sum over all lanes, result in each.
@@ -430,8 +451,7 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
   load_logits<F, VPL>(row, first, s.num_experts, s.vector_loads, raw);
   float bias[VPL];
   if constexpr (kHasBias) {
-#pragma unroll
-    for (int j = 0; j < VPL; ++j) bias[j] = first + j < s.num_experts ? load_bias(s.bias, s.bias_format, first + j) : 0.0f;
+    load_biases<VPL>(s.bias, s.bias_format, first, s.num_experts, bias);
   }
   float x[VPL];  // clamped logits, NaN in padding slots (only the paths that need them keep them)
 #pragma unroll
