@@ -41,55 +41,38 @@ from torch._inductor import config as inductor_config
 
 import fusion_passes
 from fusion_passes.bench._timing import graph_times_us, profiled_kernels_per_call
-from fusion_passes.models import MODELS, ModelConfig, MoEConfig, build_model
+from fusion_passes.models import MODELS, ModelConfig, build_model
 
 
-def _gpt_oss(name: str, experts: int, hidden: int = 2880, inter: int = 2880) -> ModelConfig:
-    return ModelConfig(
+def _at_size(built_in: str, name: str, hidden: int, heads: int, kv_heads: int, head_dim: int, **moe) -> ModelConfig:
+    """The built-in model's structure (norm, router, routing arithmetic, padding) at a real
+    model's sizes, with grouped-GEMM experts; ``moe`` replaces fields of its MoEConfig."""
+    cfg = MODELS[built_in]
+    return dataclasses.replace(
+        cfg,
         name=name,
         hidden_size=hidden,
-        num_heads=64,
-        num_kv_heads=8,
-        head_dim=64,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
         vocab_size=1024,
-        norm="gpt_oss",
-        norm_eps=1e-5,
-        moe=MoEConfig(
-            num_experts=experts,
-            top_k=4,
-            intermediate_size=inter,
-            routing="topk_softmax",
-            router_bias=True,
-            output_pad_multiple=256,
-            expert_compute="grouped",
-        ),
+        moe=dataclasses.replace(cfg.moe, expert_compute="grouped", **moe),
     )
 
 
-def _qwen3(name: str) -> ModelConfig:
-    return ModelConfig(
-        name=name,
-        hidden_size=2048,
-        num_heads=32,
-        num_kv_heads=4,
-        head_dim=128,
-        vocab_size=1024,
-        norm="hf",
-        moe=MoEConfig(
-            num_experts=128,
-            top_k=8,
-            intermediate_size=768,
-            routing="softmax_topk",
-            renormalize=True,
-            expert_compute="grouped",
-        ),
-    )
+def _gpt_oss(name: str, experts: int) -> ModelConfig:
+    """gpt-oss-20b's layer shape (H = 2880, 64 heads of 64, expert intermediate 2880, top-4)
+    with ``experts`` experts."""
+    return _at_size("gpt-oss", name, 2880, 64, 8, 64, num_experts=experts, intermediate_size=2880)
 
 
 BENCH_MODELS = {
     "gpt-oss-e32": _gpt_oss("bench-gpt-oss-e32", 32),
     "gpt-oss-e128": _gpt_oss("bench-gpt-oss-e128", 128),
-    "qwen3-moe": _qwen3("bench-qwen3-moe"),
+    # Qwen3-30B-A3B's layer: H = 2048, 32 heads of 128, 128 experts of intermediate 768, top-8.
+    "qwen3-moe": _at_size(
+        "qwen3-moe", "bench-qwen3-moe", 2048, 32, 4, 128, num_experts=128, top_k=8, intermediate_size=768
+    ),
 }
 SMOKE_MODELS = {  # the same structure at sizes a CPU compiles in seconds
     name: dataclasses.replace(
