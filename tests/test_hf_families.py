@@ -58,6 +58,9 @@ FAMILY_CONFIG = {
     "deepseek_v2": dict(**LATENT_ATTENTION, **GROUPS, topk_method="group_limited_greedy"),
     "deepseek_v3": dict(**LATENT_ATTENTION, **GROUPS),
     "glm4_moe": dict(GROUPS),
+    # Renormalized top-k (softmax -> top-k -> divide by the sum); qwen2_moe and olmoe keep
+    # their default, the form without the division.
+    "qwen3_moe": dict(norm_topk_prob=True),
 }
 FAMILIES = [
     "deepseek_v2",
