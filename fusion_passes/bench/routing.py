@@ -136,65 +136,59 @@ def readable_log_axes(ax, tokens: list[int]) -> None:
     ax.grid(True, which="major", alpha=0.3)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot_panels(panels: list[list[tuple[str, list[dict]]]], series, path: Path, title: str, panel_size, ylabel) -> None:
+    """A grid of log-log panels of µs per call against T: panels[i][j] = (panel title, rows),
+    one line per (row key, legend label, line style) of series; the legend on the first panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    experts = sorted({r["E"] for r in rows})
-    ks = sorted({r["k"] for r in rows})
-    fig, axes = plt.subplots(len(ks), len(experts), figsize=(4.2 * len(experts), 3.4 * len(ks)), squeeze=False)
-    for i, k in enumerate(ks):
-        for j, num_experts in enumerate(experts):
-            ax = axes[i][j]
-            subset = sorted((r for r in rows if r["E"] == num_experts and r["k"] == k), key=lambda r: r["T"])
+    width, height = panel_size
+    columns = len(panels[0])
+    fig, axes = plt.subplots(len(panels), columns, figsize=(width * columns, height * len(panels)), squeeze=False)
+    for panel_axes, panel_row in zip(axes, panels):
+        for ax, (panel_title, rows) in zip(panel_axes, panel_row):
+            subset = sorted(rows, key=lambda r: r["T"])
             tokens = [r["T"] for r in subset]
-            for key, label, style in (
-                ("fused_us", "fusion_passes kernel", "o-"),
-                ("fused_after_plain_us", "kernel after a non-PDL kernel", "o:"),
-                ("compiled_us", "torch.compile composite", "s--"),
-                ("eager_us", "eager composite", "^:"),
-            ):
+            for key, label, style in series:
                 ax.plot(tokens, [r[key] for r in subset], style, label=label)
             readable_log_axes(ax, tokens)
-            ax.set_title(f"E={num_experts}, k={k}")
+            ax.set_title(panel_title)
             ax.set_xlabel("tokens T")
-            ax.set_ylabel("µs per call")
+            ax.set_ylabel(ylabel)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    experts = sorted({r["E"] for r in rows})
+    ks = sorted({r["k"] for r in rows})
+    panels = [
+        [(f"E={e}, k={k}", [r for r in rows if r["E"] == e and r["k"] == k]) for e in experts] for k in ks
+    ]
+    series = (
+        ("fused_us", "fusion_passes kernel", "o-"),
+        ("fused_after_plain_us", "kernel after a non-PDL kernel", "o:"),
+        ("compiled_us", "torch.compile composite", "s--"),
+        ("eager_us", "eager composite", "^:"),
+    )
+    plot_panels(panels, series, path, title, (4.2, 3.4), "µs per call")
 
 
 def plot_deepseek(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    fig, axes = plt.subplots(1, len(cases), figsize=(5.2 * len(cases), 4.0), squeeze=False)
-    for ax, case in zip(axes[0], cases):
-        subset = sorted((r for r in rows if r["case"] == case), key=lambda r: r["T"])
-        tokens = [r["T"] for r in subset]
-        for key, label, style in (
-            ("fused_us", "fusion_passes::topk_routing", "o-"),
-            ("fused_scaled_us", "fusion_passes::topk_routing, then x scale (eager)", "d-."),
-            ("compiled_us", "HF DeepseekV3 routing, torch.compile (Inductor)", "s--"),
-            ("eager_us", "HF DeepseekV3 routing, eager PyTorch", "^:"),
-        ):
-            ax.plot(tokens, [r[key] for r in subset], style, label=label)
-        readable_log_axes(ax, tokens)
-        ax.set_title(case)
-        ax.set_xlabel("tokens T")
-        ax.set_ylabel("µs per call (lower is better)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels = [[(case, [r for r in rows if r["case"] == case]) for case in cases]]
+    series = (
+        ("fused_us", "fusion_passes::topk_routing", "o-"),
+        ("fused_scaled_us", "fusion_passes::topk_routing, then x scale (eager)", "d-."),
+        ("compiled_us", "HF DeepseekV3 routing, torch.compile (Inductor)", "s--"),
+        ("eager_us", "HF DeepseekV3 routing, eager PyTorch", "^:"),
+    )
+    plot_panels(panels, series, path, title, (5.2, 4.0), "µs per call (lower is better)")
 
 
 def deepseek_targets_report(rows: list[dict]) -> list[str]:
