@@ -167,7 +167,7 @@ __device__ __forceinline__ void load_weight(const Params& p, int chunk, float* w
   }
 }
 
-// PDL (DESIGN.md): every CTA waits for the grids before it, before it reads anything; a
+// PDL (docs/ops.md): every CTA waits for the grids before it, before it reads anything; a
 // dependent grid may be released at any time, since its own wait orders it after this grid.
 __device__ __forceinline__ void wait_for_prior_grids() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 

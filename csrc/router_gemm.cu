@@ -58,7 +58,7 @@
 //   the pass cannot rule out. Hence off by default. x and the bias are always read only
 //   after griddepcontrol.wait, and every CTA waits before it exits. Every CTA releases its
 //   dependents (griddepcontrol.launch_dependents) at its start, so that the next kernel's
-//   launch and prologue overlap this one (DESIGN.md's PDL contract: a dependent's
+//   launch and prologue overlap this one (the PDL contract of docs/ops.md: a dependent's
 //   griddepcontrol.wait still returns only once this grid has completed and its stores are
 //   visible). fusion_passes::_router_gemm_set_release_at_start(False) moves the release
 //   after the CTA's last output store, as before, for benchmarks.
@@ -287,8 +287,8 @@ void set_max_tokens(int64_t max_tokens) {
 
 int64_t get_max_tokens() { return g_max_tokens.load(std::memory_order_relaxed); }
 
-// Whether the kernel may load the weight before griddepcontrol.wait (default true); false
-// for callers whose weight is written by the kernel just before the op.
+// Whether the kernel may load the weight before griddepcontrol.wait (default false: only
+// correct when no kernel that may still run writes the weight; see the header comment).
 void set_weight_loads_before_wait(bool enabled) { g_weight_loads_before_wait.store(enabled); }
 
 // Forces one kernel tile shape (16*m_tiles experts x 8*n_tiles tokens a CTA) for every

@@ -31,6 +31,8 @@ from ._graph import arg, aten, fake, getitem_users, is_call, is_last_dim, is_pur
 # The mask and group-score subgraphs are a handful of ops; a walk that grows past this
 # has left them (e.g. it reached back into the model) and is not this pattern.
 MAX_SUBGRAPH_NODES = 48
+# Ops from the selection score to the group top-k: view, topk/max (+ getitem), sum, topk.
+MAX_GROUP_TOPK_DEPTH = 8
 TRIALS = 3
 
 
@@ -171,26 +173,30 @@ def _has_shape_of(node: Node, value: torch.Tensor) -> bool:
 
 def _group_topks(scores: Node, num_rows) -> list[Node]:
     """Top-ks over the last dim of a [T, G] tensor computed from ``scores`` within the
-    group-score subgraph, whose ids are used and whose values are not."""
-    found, seen, todo = [], set(), [scores]
-    while todo and len(seen) < MAX_SUBGRAPH_NODES:
-        node = todo.pop()
-        for user in node.users:
-            if user in seen or not is_pure(user):
-                continue
-            seen.add(user)
-            if is_call(user, aten.topk.default) and user.args[0] is not scores:
-                group_scores = fake(user.args[0])
-                outputs = getitem_users(user)
-                if (
-                    group_scores is not None
-                    and group_scores.dim() == 2
-                    and known_equal(group_scores.shape[0], num_rows)
-                    and is_last_dim(arg(user, 2, "dim", -1), 2)
-                    and arg(user, 3, "largest", True)
-                    and set(outputs) == {1}
-                ):
-                    found.append(user)
+    group-score subgraph, whose ids are used and whose values are not. Breadth first, a
+    few ops deep: ``scores`` also feeds the masked selection and, through it, the whole
+    expert computation, which a depth-first walk would wander into first."""
+    found, seen, frontier = [], set(), [scores]
+    for _ in range(MAX_GROUP_TOPK_DEPTH):
+        next_frontier = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen or not is_pure(user):
                     continue
-            todo.append(user)
+                seen.add(user)
+                if is_call(user, aten.topk.default) and user.args[0] is not scores:
+                    group_scores = fake(user.args[0])
+                    outputs = getitem_users(user)
+                    if (
+                        group_scores is not None
+                        and group_scores.dim() == 2
+                        and known_equal(group_scores.shape[0], num_rows)
+                        and is_last_dim(arg(user, 2, "dim", -1), 2)
+                        and arg(user, 3, "largest", True)
+                        and set(outputs) == {1}
+                    ):
+                        found.append(user)
+                        continue
+                next_frontier.append(user)
+        frontier = next_frontier
     return found
