@@ -13,10 +13,10 @@ After::
                                             n_group, topk_group, group_score,
                                             logits_dtype=out_dtype)
 
-Why: at decode sizes the two are two kernels with the logits' round trip through memory
-between them; the fused op's kernel computes each token tile's logits, rounds them to the
-logits dtype in shared memory and routes them there (one launch), and above a measured
-token bound runs the two kernels. The result is bitwise the composition's: the op rounds
+Why: at decode sizes the two are two launches, the second waiting for the first; the
+fused op is one launch: its CTAs compute and round the logits of their tiles into an
+L2-resident workspace, and the last CTA to finish a token tile routes its rows (no second
+launch, no wait for one). Above a token bound it runs the two kernels. The result is bitwise the composition's: the op rounds
 the logits exactly as ``router_gemm`` does, and ``topk_routing`` reads them in fp32, so an
 exact upcast in between changes nothing.
 
