@@ -480,9 +480,9 @@ class GroupLimitedWithLongConsumers(torch.nn.Module):
     def forward(self, x):
         weights, ids = grouped("grouped_softmax_max", self.gate(x), None, 4)
         dispatch = ids.flatten().sort().values
-        for step in range(60):
-            dispatch = torch.where(dispatch >= 16 + step, dispatch - 1, dispatch + 1)
-        return weights, dispatch
+        for step in range(60):  # each step reads the last once: Inductor inlines the chain
+            dispatch = (dispatch * 3 + step) % 17
+        return weights.sort(dim=-1).values, dispatch  # an unsorted top-k: compare as sets
 
 
 def test_group_limited_form_matches_whatever_follows_its_ids():
