@@ -80,7 +80,9 @@ __device__ unsigned int g_arrivals[kCounters];  // zero at module load; every la
 
 enum class Path : int { kAuto = 0, kFused = 1, kTwoKernels = 2 };
 std::atomic<int64_t> g_max_tokens{-1};  // -1: one wave (see fused_max_tokens)
-std::atomic<int> g_path{static_cast<int>(Path::kAuto)};
+// Two kernels by default until the fused kernel has run its CUDA tests and its measurements on
+// a GPU (it was written and compiled, never run: docs/notes/router_gemm.md, v12).
+std::atomic<int> g_path{static_cast<int>(Path::kTwoKernels)};
 std::atomic<uint32_t> g_next_counter{0};
 
 struct FusedParams {
@@ -325,8 +327,9 @@ void set_max_tokens(int64_t max_tokens) {
   g_max_tokens.store(max_tokens, std::memory_order_relaxed);
 }
 
-// "auto" (default): the fused kernel up to fused_max_tokens; "fused": wherever both kernels
-// serve the call (the router GEMM's kernel at this T), whatever T; "two_kernels": never.
+// "auto": the fused kernel up to fused_max_tokens; "fused": wherever both kernels serve the
+// call (the router GEMM's kernel at this T), whatever T; "two_kernels" (default, see g_path):
+// never.
 void set_path(c10::string_view path_view) {
   const std::string path(path_view.data(), path_view.size());
   TORCH_CHECK_VALUE(path == "auto" || path == "fused" || path == "two_kernels",

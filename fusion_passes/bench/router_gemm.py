@@ -323,7 +323,7 @@ def _plot(rows, shapes, path: Path, meta: dict) -> None:
     for ax in list(axes.flat)[len(shapes) :]:
         ax.set_visible(False)
     fig.suptitle(
-        f"MoE router GEMM [T, H] x [E, H]^T, {meta['dtype']}, on {meta['gpu']} (torch {meta['torch']}): CUDA-graph replay of "
+        f"MoE router GEMM [T, H] x [E, H]^T, {meta['dtype']}, on {meta['gpu']} (torch {meta['torch']})\nCUDA-graph replay of "
         f"back-to-back calls, weights rotated over {meta['rotate_bytes'] / 1e6:.0f} MB (read from HBM); higher is faster"
     )
     fig.tight_layout()
