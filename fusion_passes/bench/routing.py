@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion_passes.bench._timing import graph_time_per_call_us as time_per_call_us
+from fusion_passes.bench._timing import graph_times_us
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Targets of the issue: per-call time for small batches, and the ratio to Inductor at the top.
@@ -205,6 +206,37 @@ def deepseek_targets_report(rows: list[dict]) -> list[str]:
     ]
 
 
+# The op alone per form, E = 256, k = 8, renormalized: (logit dtype, scoring, correction
+# bias?, n_group, topk_group). Says what a bias or groups cost on top of the plain form.
+FORMS = {
+    "bf16 softmax": (torch.bfloat16, "softmax", False, 1, 1),
+    "fp32 softmax": (torch.float32, "softmax", False, 1, 1),
+    "fp32 sigmoid": (torch.float32, "sigmoid", False, 1, 1),
+    "fp32 sigmoid + bias": (torch.float32, "sigmoid", True, 1, 1),
+    "fp32 sigmoid, groups 8/4": (torch.float32, "sigmoid", False, 8, 4),
+    "fp32 sigmoid + bias, groups 8/4": (torch.float32, "sigmoid", True, 8, 4),
+    "bf16 sigmoid + bias, groups 8/4": (torch.bfloat16, "sigmoid", True, 8, 4),
+}
+
+
+def run_forms(tokens: list[int], timing: tuple[int, int, int]) -> list[dict]:
+    """µs per call of the op alone for each of FORMS, the forms of one T side by side."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bias = torch.randn(256, device="cuda", generator=gen) * 0.05
+    rows = []
+    print(f"{'T':>5} " + " ".join(f"{name:>31}" for name in FORMS))
+    for num_tokens in tokens:
+        fns = {}
+        for name, (dtype, scoring, with_bias, n_group, topk_group) in FORMS.items():
+            logits = torch.randn(num_tokens, 256, device="cuda", generator=gen).to(dtype)
+            args = (logits, 8, scoring, True, bias if with_bias else None, n_group, topk_group)
+            fns[name] = lambda args=args: torch.ops.fusion_passes.topk_routing(*args)
+        times = graph_times_us(fns, *timing)
+        rows.append({"T": num_tokens, **{name: round(us, 3) for name, us in times.items()}})
+        print(f"{num_tokens:>5} " + " ".join(f"{times[name]:>31.2f}" for name in FORMS), flush=True)
+    return rows
+
+
 def run_deepseek(args: argparse.Namespace, timing: tuple[int, int, int]) -> tuple[list[dict], list[str]]:
     header = (f"{'case':>30} {'T':>5} | {'op us':>7} {'op+scale':>8} {'compiled us':>11} {'eager us':>9} |"
               f" {'vs compiled':>11}")
@@ -269,6 +301,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64, 128, 512, 2048, 8192])
     parser.add_argument("--deepseek-tokens", type=int, nargs="*", default=[1, 8, 32, 64, 128, 512, 2048],
                         help="token counts of the DeepSeek-V3 table (none: skip it)")
+    parser.add_argument("--forms-tokens", type=int, nargs="*", default=[1, 32, 128],
+                        help="token counts of the table of the op alone per form (none: skip it)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--calls-per-graph", type=int, default=50)
     parser.add_argument("--replays-per-sample", type=int, default=5)
@@ -342,6 +376,11 @@ def main(argv: list[str]) -> int:
         plot_deepseek(deepseek_rows, args.out / "routing_deepseek.png",
                       f"DeepSeek-V3 routing (sigmoid + bias, fp32 logits)\n{method}")
         print(f"wrote {args.out}/routing_deepseek.csv, routing_deepseek.json, routing_deepseek.png")
+    if args.forms_tokens:
+        print()
+        forms_rows = run_forms(args.forms_tokens, timing)
+        write_results(args.out, make_meta(argv, args, launch_floor), forms_rows, [], "routing_forms")
+        print(f"wrote {args.out}/routing_forms.csv, routing_forms.json")
     print()
     for line in summary:
         print(line)
