@@ -283,9 +283,10 @@ def plot(results: dict, path: Path) -> None:
         ax.legend()
     meta = results["meta"]
     pdl = ", Inductor PDL on" if meta.get("inductor_pdl") else ""
+    replays = f"{meta['replays']} " if "replays" in meta else ""  # older results did not record it
     fig.suptitle(
-        f"fusion_passes vs stock Inductor on {meta['device']} (torch {meta['torch']}{pdl}): bf16 decode, "
-        f"median of {meta.get('replays', '?')} CUDA-graph replays; above 1 = faster"
+        f"fusion_passes vs stock Inductor on {meta['device']} (torch {meta['torch']}{pdl})\n"
+        f"bf16 decode, median of {replays}CUDA-graph replays; above 1 = faster"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
