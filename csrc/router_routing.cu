@@ -243,15 +243,6 @@ std::tuple<at::Tensor, at::Tensor> two_kernels(const at::Tensor& x, const at::Te
   return topk_routing.call(logits, k, scoring, renormalize, correction_bias, n_group, topk_group, group_score);
 }
 
-BiasFormat bias_format(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return BiasFormat::kFloat32;
-    case at::kBFloat16: return BiasFormat::kBFloat16;
-    case at::kHalf: return BiasFormat::kFloat16;
-    default: return BiasFormat::kFloat64;
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> router_routing_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& bias, int64_t k,
                                                        c10::string_view scoring_view, bool renormalize,
@@ -283,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor> router_routing_cuda(const at::Tensor& x, cons
   s.num_experts = static_cast<int>(experts);
   s.k = static_cast<int>(k);
   s.bias = correction_bias.has_value() ? correction.data_ptr() : nullptr;
-  s.bias_format = correction_bias.has_value() ? bias_format(correction.scalar_type()) : BiasFormat::kFloat32;
+  s.bias_format = correction_bias.has_value() ? bias_format_of(correction.scalar_type()) : BiasFormat::kFloat32;
   s.renormalize = renormalize;
   const int vpl = experts_per_lane(s.num_experts);
   const int element_size = static_cast<int>(workspace.element_size());

@@ -363,12 +363,7 @@ std::tuple<at::Tensor, at::Tensor> topk_routing_cuda(const at::Tensor& logits, i
   if (correction_bias.has_value()) {
     bias = correction_bias->contiguous();
     selection.bias = bias.data_ptr();
-    switch (bias.scalar_type()) {
-      case at::kFloat: selection.bias_format = BiasFormat::kFloat32; break;
-      case at::kBFloat16: selection.bias_format = BiasFormat::kBFloat16; break;
-      case at::kHalf: selection.bias_format = BiasFormat::kFloat16; break;
-      default: selection.bias_format = BiasFormat::kFloat64; break;
-    }
+    selection.bias_format = bias_format_of(bias.scalar_type());
   }
   selection.renormalize = renormalize;
   selection.uniform_weight = static_cast<float>(1.0 / static_cast<double>(k));

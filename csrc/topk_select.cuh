@@ -11,6 +11,7 @@
 // here for both kernels).
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -386,6 +387,17 @@ __device__ __forceinline__ void sort_descending(Entry (&v)[N]) {
 
 
 // ---------------------------------------------------------------------------- launch shapes
+
+// Host side. The BiasFormat of a correction bias of dtype t (fp32, bf16, fp16, else fp64:
+// the callers have checked that it is one of the four).
+inline BiasFormat bias_format_of(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return BiasFormat::kFloat32;
+    case c10::ScalarType::BFloat16: return BiasFormat::kBFloat16;
+    case c10::ScalarType::Half: return BiasFormat::kFloat16;
+    default: return BiasFormat::kFloat64;
+  }
+}
 
 // Host side. Experts per lane (route_row's VPL), rounded up to a compiled bucket.
 inline int experts_per_lane(int num_experts) {
