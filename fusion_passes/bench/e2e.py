@@ -7,6 +7,8 @@ expert, torch._grouped_mm where the installed torch has it):
   gpt-oss-e32    H=2880, E=32,  top-4, expert intermediate 2880 (gpt-oss-20b's layer)
   gpt-oss-e128   H=2880, E=128, top-4
   qwen3-moe      H=2048, E=128, top-8, expert intermediate 768 (Qwen3-30B-A3B's layer)
+  deepseek-v3    H=7168, E=256 in 8 groups (best 4 kept), top-8 sigmoid + bias, intermediate 2048
+                 (DeepSeek-V3's MoE layer; not in the default --models: 22.5 GB a layer)
   gpt-oss-20b-layer  one full-size gpt-oss-20b-shaped layer (--full-layer)
 
 Each step (T tokens of one decode step, no KV cache: attention over the T tokens) is
@@ -72,6 +74,21 @@ BENCH_MODELS = {
     # Qwen3-30B-A3B's layer: H = 2048, 32 heads of 128, 128 experts of intermediate 768, top-8.
     "qwen3-moe": _at_size(
         "qwen3-moe", "bench-qwen3-moe", 2048, 32, 4, 128, num_experts=128, top_k=8, intermediate_size=768
+    ),
+    # DeepSeek-V3's MoE layer: H = 7168, 256 experts of intermediate 2048 in 8 groups, the best 4
+    # groups kept, top-8 by sigmoid + correction bias, one shared expert; attention is plain
+    # (56 heads of 128), not MLA. 22.5 GB of expert weights a layer: --layers 1 or 2 on one GPU.
+    "deepseek-v3": _at_size(
+        "deepseek-v3",
+        "bench-deepseek-v3",
+        7168,
+        56,
+        8,
+        128,
+        num_experts=256,
+        top_k=8,
+        intermediate_size=2048,
+        shared_expert_intermediate_size=2048,
     ),
 }
 SMOKE_MODELS = {  # the same structure at sizes a CPU compiles in seconds
@@ -203,7 +220,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fusion-passes bench e2e", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default=",".join(BENCH_MODELS))
+    parser.add_argument("--models", default="gpt-oss-e32,gpt-oss-e128,qwen3-moe")
     parser.add_argument("--tokens", default="1,8,32,128")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--full-layer", action="store_true", help="also one full-size gpt-oss-20b-shaped layer")
