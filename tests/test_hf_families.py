@@ -57,14 +57,37 @@ GROUPS = dict(n_routed_experts=16, num_local_experts=16, n_group=4, topk_group=2
 FAMILY_CONFIG = {
     "deepseek_v2": dict(**LATENT_ATTENTION, **GROUPS, topk_method="group_limited_greedy"),
     "deepseek_v3": dict(**LATENT_ATTENTION, **GROUPS),
+    "dbrx": dict(
+        d_model=64,
+        n_heads=4,
+        n_layers=LAYERS,
+        max_seq_len=64,
+        # DbrxAttention reads attn_config.rope_theta, which the attention config does not
+        # define, and clamps by clip_qkv unconditionally (8.0 is the released model's).
+        attn_config=dict(kv_n_heads=2, rope_theta=10_000.0, clip_qkv=8.0),
+        ffn_config=dict(hidden_size=64, ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2),
+    ),
+    "dots1": dict(GROUPS, n_shared_experts=1),
     "glm4_moe": dict(GROUPS),
     # Renormalized top-k (softmax -> top-k -> divide by the sum); qwen2_moe and olmoe keep
     # their default, the form without the division.
     "qwen3_moe": dict(norm_topk_prob=True),
+    # A decoder layer of LongCat-Flash holds two attention blocks and one MoE; two of its
+    # 8 + 2 experts are zero-computation experts (the identity).
+    "longcat_flash": dict(
+        **LATENT_ATTENTION,
+        num_layers=LAYERS,
+        num_hidden_layers=2 * LAYERS,
+        ffn_hidden_size=64,
+        expert_ffn_hidden_size=32,
+        zero_expert_num=2,
+    ),
 }
 FAMILIES = [
     "deepseek_v2",
     "deepseek_v3",
+    "dbrx",
+    "dots1",
     "ernie4_5_moe",
     "exaone_moe",
     "glm4_moe",
@@ -72,6 +95,7 @@ FAMILIES = [
     "granitemoe",
     "hunyuan_v1_moe",
     "jetmoe",
+    "longcat_flash",
     "minimax",
     "mixtral",
     "olmoe",
@@ -86,9 +110,6 @@ NOT_COVERED = {
     "mistral4": "groups ranked by the sum of their two best probabilities without a bias: the op ranks"
     " groups by the logits then (the same order only for a group's max)",
     "mistral_large4": "as mistral4",
-    "dbrx": "not built by this test: its attention and FFN sub-configs need their own tiny values",
-    "longcat_flash": "not built by this test: its tiny config is still above MAX_PARAMETERS",
-    "dots1": "not built by this test: the config leaves n_shared_experts unset",
 }
 
 
@@ -97,8 +118,8 @@ def tiny_config(name):
     defaults = config_class().to_dict()
     keys = defaults["text_config"] if isinstance(defaults.get("text_config"), dict) else defaults
     values = {**TINY, **FAMILY_CONFIG.get(name, {})}
-    if "qk_rope_head_dim" in keys:
-        values.pop("head_dim")  # derived from the latent-attention dims
+    if "qk_rope_head_dim" in keys:  # latent attention: the head dim is the rotary part
+        values["head_dim"] = values.get("qk_rope_head_dim", keys["qk_rope_head_dim"])
     kwargs = {key: value for key, value in values.items() if key in keys}
     if keys.get("layer_types"):
         kwargs["layer_types"] = keys["layer_types"][:LAYERS]

@@ -42,6 +42,10 @@ class Router(torch.nn.Module):
             if self.renormalize:
                 w = w / (w.sum(dim=-1, keepdim=True) + self.eps)
             return w.to(x.dtype), ids
+        if self.form.startswith("softmax_topk_norm"):  # DBRX: divided by the p-norm of the top-k (p=1: their sum)
+            p = torch.softmax(logits, dim=1, dtype=torch.float)  # DBRX's own is in the logits' dtype
+            w, ids = torch.topk(p, self.k, dim=-1)
+            return w / torch.norm(w, p=float(self.form[-1]), dim=-1, keepdim=True), ids
         if self.form == "upcast_softmax_topk":  # Mixtral
             p = torch.softmax(logits.float(), dim=-1)
             w, ids = torch.topk(p, self.k, dim=-1)
@@ -123,6 +127,7 @@ def grouped(form, logits, correction, k):
 GROUPED_FORMS = ["grouped_sigmoid_bias", "grouped_engine", "grouped_softmax_max"]
 FORMS = [
     "softmax_topk",
+    "softmax_topk_norm1",
     "upcast_softmax_topk",
     "topk_softmax",
     "sigmoid_topk",
@@ -169,6 +174,19 @@ def test_renormalize_on_and_off(renormalize):
     torch.testing.assert_close(w, w_ref)
     (call,) = [n for g in graphs for n in g.nodes if n.target is ops.topk_routing]
     assert call.args[3] is renormalize
+
+
+@pytest.mark.parametrize("norm, renormalize", [(1, True), (2, False)])
+def test_a_one_norm_renormalizes_and_a_two_norm_stays_in_the_graph(norm, renormalize):
+    """Of probabilities, the 1-norm is the sum the op divides by; the 2-norm is not, so
+    the op's raw probabilities replace the top-k values and the graph keeps its division."""
+    module = Router(f"softmax_topk_norm{norm}")
+    counts, (w, ids), (w_ref, ids_ref), graphs = run(module, torch.randn(5, H))
+    assert counts["nan_safe_routing"] == 1
+    (call,) = [n for g in graphs for n in g.nodes if n.target is ops.topk_routing]
+    assert call.args[3] is renormalize
+    torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
+    torch.testing.assert_close(w, w_ref)
 
 
 @pytest.mark.parametrize("shape", [(6, H), (2, 3, H)], ids=["2d", "3d"])

@@ -123,26 +123,52 @@ def softmax_of(node: Node) -> Node | None:
 
 
 def renormalized(values: Node) -> tuple[Node, float] | None:
-    """If the only use of ``values`` is ``values / (values.sum(-1, keepdim=True) [+ eps])``
-    or ``values / values.sum(-1, keepdim=True).clamp(min=eps)``, return (the division node, eps)."""
+    """If the only use of ``values`` (probabilities, so never negative) is
+    ``values / (total [+ eps])`` or ``values / total.clamp(min=eps)``, where ``total`` is
+    their sum over the last dim (keepdim) or their 1-norm (``torch.norm(values, p=1, ...)``,
+    DBRX: the sum, for values that are never negative), return (the division node, eps)."""
     users = list(values.users)
     divisions = [u for u in users if is_call(u, aten.div.Tensor) and u.args[0] is values]
-    sums = [u for u in users if is_call(u, aten.sum.dim_IntList)]
-    if len(divisions) != 1 or len(sums) != 1 or len(users) != 2:
+    if len(divisions) != 1 or len(users) != 2:
         return None
-    division, total = divisions[0], sums[0]
-    ndim = fake(values).dim()
-    if not reduces_last_dim(total.args[1], ndim) or not arg(total, 2, "keepdim", False):
-        return None
+    division = divisions[0]
     denominator, eps = division.args[1], 0.0
     guard = _sum_guard(denominator)
     if guard is not None:
         denominator, eps = guard
         if len(denominator.users) != 1:
             return None
-    if denominator is not total:
+    if not _is_row_sum(denominator, values):
         return None
     return division, eps
+
+
+def _is_row_sum(total: Node, values: Node) -> bool:
+    """``total`` is ``values.sum(-1, keepdim=True)``, or the 1-norm of ``values`` as the
+    graph writes it (``linalg_vector_norm(values, 1, [-1], True)``, or Inductor's
+    decomposition ``pow(sum(pow(abs(values), 1.0), [-1], True), 1.0)``), where every
+    node between ``values`` and ``total`` has that one use."""
+    ndim = fake(values).dim()
+    total = _through_power_one(total)
+    if is_call(total, aten.linalg_vector_norm.default):
+        order, dims, keepdim = arg(total, 1, "ord", 2), arg(total, 2, "dim"), arg(total, 3, "keepdim", False)
+        return total.args[0] is values and order == 1 and reduces_last_dim(dims, ndim) and keepdim
+    if not is_call(total, aten.sum.dim_IntList) or not reduces_last_dim(total.args[1], ndim):
+        return False
+    if not arg(total, 2, "keepdim", False):
+        return False
+    summed = total.args[0]
+    if summed is values:
+        return True
+    summed = _through_power_one(summed)
+    return is_call(summed, aten.abs.default) and summed.args[0] is values and len(summed.users) == 1
+
+
+def _through_power_one(node: Node) -> Node:
+    """``x`` for ``x ** 1`` with one use (how a 1-norm's decomposition writes it), else ``node``."""
+    if is_call(node, aten.pow.Tensor_Scalar) and node.args[1] == 1 and len(node.args[0].users) == 1:
+        return node.args[0]
+    return node
 
 
 def _sum_guard(node: Node) -> tuple[Node, float] | None:
