@@ -43,8 +43,8 @@
 //
 // Dispatch (router_routing_cuda): the fused kernel for bf16/fp16 x and weight whose router GEMM
 // runs the kernel at this T (router_gemm_tile::kernel_serves), logits in x's dtype or fp32, every
-// routing argument the routing kernel takes (k <= 32, E <= 512, n_group <= 32, correction bias
-// fp32/bf16/fp16/fp64), and T up to the fused bound: by default the largest T whose grid fits in
+// routing argument the routing kernel takes (topk_select::routing_in_scope: k <= 32, E <= 512,
+// n_group <= 32, correction bias fp32/bf16/fp16/fp64), and T up to the fused bound: by default the largest T whose grid fits in
 // one wave of two CTAs an SM, fusion_passes::_router_routing_set_max_tokens replaces it,
 // _router_routing_fused_max_tokens(H, E) reads it, and _router_routing_set_path("fused" |
 // "two_kernels" | "auto") forces a path for tests and benchmarks. Every other call, invalid ones
@@ -201,19 +201,7 @@ bool fused_serves(const at::Tensor& x, const at::Tensor& weight, const std::opti
     return false;
   }
   if (logits_dtype.has_value() && *logits_dtype != x.scalar_type() && *logits_dtype != at::kFloat) return false;
-  if (!(1 <= k && k <= experts && k <= kMaxK)) return false;
-  if (scoring != "softmax" && scoring != "sigmoid") return false;
-  if (group_score != "top2_sum" && group_score != "max") return false;
-  if (correction_bias.has_value()) {
-    const at::ScalarType t = correction_bias->scalar_type();
-    const bool bias_format = t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
-    if (!(correction_bias->dim() == 1 && correction_bias->size(0) == experts && bias_format &&
-          correction_bias->device() == x.device())) {
-      return false;
-    }
-  }
-  if (!(n_group >= 1 && n_group <= kMaxGroups && experts % n_group == 0 && 1 <= topk_group && topk_group <= n_group &&
-        k <= topk_group * (experts / n_group))) {
+  if (!routing_in_scope(experts, k, scoring, correction_bias, n_group, topk_group, group_score, x.device())) {
     return false;
   }
   if (!gemm::kernel_serves(x, weight)) return false;  // T >= 1, E <= 512, H % 8 == 0, aligned rows

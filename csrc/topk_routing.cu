@@ -36,12 +36,15 @@
 //  * Groups (kGrouped): when a group is a power of two of whole lanes (DeepSeek-V3's 256 =
 //    8 x 32: 4 lanes of 8), after the per-lane sort a lane's best two keys are its first two
 //    entries and a butterfly over the group's lanes merges them; otherwise lane g scores group g
-//    by scanning its experts in the row with the owners' expressions. Either way the group score
-//    is decoded to fp32 (invalid: -FLT_MAX) and added without flushing, as the reference adds
+//    by scanning its experts in the row with the owners' expressions. Either way the best two
+//    keys decode to their fp32 group terms (the selection score; for top2_sum without a bias
+//    the probability, sigmoid_like_torch or softmax_group_term, so that groups rank as the
+//    reference ranks them; invalid: -FLT_MAX), added without flushing as the reference adds
 //    them, and each lane ranks its group against all n_group group keys (independent shuffles;
 //    ties to the lower group). Experts of unkept groups get entry 0 (taken), so the k rounds
 //    never see them and kept invalid experts still come last by index. The softmax max is
-//    reduced before the drop, since the row's largest logit may sit in a dropped group.
+//    reduced before the groups are scored: the terms need it, and the row's largest logit may
+//    sit in a dropped group.
 //  * Weights: sigmoid p is torch's (libdevice expf, IEEE add and division: sigmoid_like_torch);
 //    softmax p uses an exp within 1 ulp (range reduction, degree-7 polynomial; the
 //    --use_fast_math __expf loses |t|*1e-7 relative) and IEEE division. Arithmetic that must
@@ -258,11 +261,12 @@ at::Tensor clamp_infinities(const at::Tensor& t) {
 }
 
 // Step 4 of the reference: [T, E] bool, the experts of each row's topk_group best groups.
-at::Tensor kept_experts(const at::Tensor& score, const at::Tensor& valid, int64_t n_group, int64_t topk_group,
+at::Tensor kept_experts(const at::Tensor& group_terms, const at::Tensor& valid, int64_t n_group, int64_t topk_group,
                         bool group_max) {
-  const int64_t num_rows = score.size(0);
-  const int64_t group_size = score.size(1) / n_group;
-  const at::Tensor grouped = score.masked_fill(at::logical_not(valid), -FLT_MAX).view({num_rows, n_group, group_size});
+  const int64_t num_rows = group_terms.size(0);
+  const int64_t group_size = group_terms.size(1) / n_group;
+  const at::Tensor grouped =
+      group_terms.masked_fill(at::logical_not(valid), -FLT_MAX).view({num_rows, n_group, group_size});
   at::Tensor group_scores;
   if (group_max || group_size == 1) {
     group_scores = grouped.amax({-1});
@@ -272,7 +276,8 @@ at::Tensor kept_experts(const at::Tensor& score, const at::Tensor& valid, int64_
   }
   const at::Tensor kept_groups =
       std::get<1>(group_scores.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true)).narrow(1, 0, topk_group);
-  const at::Tensor kept = at::zeros({num_rows, n_group}, score.options().dtype(at::kBool)).scatter_(1, kept_groups, true);
+  const at::Tensor kept =
+      at::zeros({num_rows, n_group}, group_terms.options().dtype(at::kBool)).scatter_(1, kept_groups, true);
   return kept.repeat_interleave(group_size, 1);
 }
 
@@ -285,11 +290,14 @@ std::tuple<at::Tensor, at::Tensor> topk_routing_composite(const at::Tensor& logi
   const at::Tensor x = clamp_infinities(logits);
   at::Tensor valid = at::logical_not(at::isnan(x));
   at::Tensor prob;
+  at::Tensor shifted;       // softmax: x - row max
+  at::Tensor unnormalized;  // softmax: exp(shifted)
   if (!sigmoid) {
     const at::Tensor masked = x.masked_fill(at::logical_not(valid), -INFINITY);
     const at::Tensor row_max =
         masked.amax({-1}, /*keepdim=*/true).masked_fill(at::logical_not(valid.any(-1, /*keepdim=*/true)), 0.0);
-    const at::Tensor unnormalized = at::exp(masked - row_max);
+    shifted = masked - row_max;
+    unnormalized = at::exp(shifted);
     prob = unnormalized / unnormalized.sum({-1}, /*keepdim=*/true).clamp_min(FLT_MIN);
   } else {
     prob = at::sigmoid(x).masked_fill(at::logical_not(valid), 0.0);
@@ -302,8 +310,12 @@ std::tuple<at::Tensor, at::Tensor> topk_routing_composite(const at::Tensor& logi
   const at::Tensor selection_key = score.masked_fill(at::logical_not(valid), -INFINITY);
   at::Tensor order = std::get<1>(selection_key.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));
   if (n_group > 1) {
+    at::Tensor group_terms = score;
+    if (!correction_bias.has_value() && !group_max) {
+      group_terms = sigmoid ? prob : at::where(shifted < kSoftmaxGroupTermFloor, 0.0, unnormalized);
+    }
     const at::Tensor dropped =
-        at::logical_not(kept_experts(score, valid, n_group, topk_group, group_max).gather(1, order)).to(at::kByte);
+        at::logical_not(kept_experts(group_terms, valid, n_group, topk_group, group_max).gather(1, order)).to(at::kByte);
     order = order.gather(1, std::get<1>(dropped.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/false)));
   }
   const at::Tensor ids = order.narrow(1, 0, k).contiguous();
@@ -332,13 +344,10 @@ std::tuple<at::Tensor, at::Tensor> topk_routing_cuda(const at::Tensor& logits, i
 
   const at::ScalarType type = logits.scalar_type();
   const bool logits_in_scope = type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
-  const at::ScalarType bias_type = correction_bias.has_value() ? correction_bias->scalar_type() : at::kFloat;
-  const bool bias_in_scope =
-      bias_type == at::kFloat || bias_type == at::kBFloat16 || bias_type == at::kHalf || bias_type == at::kDouble;
   const bool grouped = n_group > 1;
-  // n_group <= E <= 512 and n_group <= 32 lanes: any group shape the op accepts there.
-  const bool groups_in_scope = n_group <= kMaxGroups;
-  if (!logits_in_scope || !bias_in_scope || num_experts > kMaxExperts || k > kMaxK || !groups_in_scope) {
+  // Any group shape the op accepts with n_group <= 32 (one lane a group) and E <= 512.
+  if (!logits_in_scope || !routing_in_scope(num_experts, k, scoring, correction_bias, n_group, topk_group,
+                                            group_score, logits.device())) {
     // One std::string argument: c10::str passes it through without an ostream (see above).
     const std::string note =
         "fusion_passes::topk_routing: an input outside the CUDA kernel's scope (E > 512, k > 32, n_group > 32, "

@@ -11,12 +11,15 @@
 // here for both kernels).
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cfloat>
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -83,6 +86,11 @@ __device__ __forceinline__ float key_to_float(uint32_t key) {
 __device__ __forceinline__ float add_keep_subnormal(float a, float b) {
   float d;
   asm("add.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+__device__ __forceinline__ float sub_keep_subnormal(float a, float b) {
+  float d;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
   return d;
 }
 __device__ __forceinline__ float mul_keep_subnormal(float a, float b) {
@@ -152,6 +160,21 @@ extern "C" __device__ float __nv_expf(float);
 // 1 + it = 1; add.rn and div.rn below keep subnormals like ATen. So the flush never shows.
 __device__ __forceinline__ float sigmoid_like_torch(float x) {
   return div_keep_subnormal(1.0f, add_keep_subnormal(1.0f, __nv_expf(-x)));
+}
+
+// Below this t = x - max, a softmax group term counts as 0 (_SOFTMAX_GROUP_TERM_FLOOR in
+// fusion_passes/ops.py).
+constexpr float kSoftmaxGroupTermFloor = -87.0f;
+
+// The group term of a valid logit x for softmax top2_sum without a bias (step 4 of the
+// reference): u = exp(x - row_max) bitwise as torch computes it on CUDA, the IEEE subtraction
+// then libdevice's expf (as ATen's exp kernel, compiled without fast math), and 0 below the
+// floor. For t in [-87, 0] -ftz cannot change __nv_expf: the result is normal (>= 1.6e-38),
+// and an intermediate is subnormal only for a t so small that exp(t) = 1 both ways (the
+// ex2.approx step is .ftz in both); below -87 the flush would show, hence the floor.
+__device__ __forceinline__ float softmax_group_term(float x, float row_max) {
+  const float t = sub_keep_subnormal(x, row_max);
+  return t < kSoftmaxGroupTermFloor ? 0.0f : __nv_expf(t);  // t = -Inf (overflow) gives 0
 }
 
 // ------------------------------------------------------------------------------------ loading
@@ -389,7 +412,7 @@ __device__ __forceinline__ void sort_descending(Entry (&v)[N]) {
 // ---------------------------------------------------------------------------- launch shapes
 
 // Host side. The BiasFormat of a correction bias of dtype t (fp32, bf16, fp16, else fp64:
-// the callers have checked that it is one of the four).
+// routing_in_scope has checked that it is one of the four).
 inline BiasFormat bias_format_of(c10::ScalarType t) {
   switch (t) {
     case c10::ScalarType::Float: return BiasFormat::kFloat32;
@@ -397,6 +420,29 @@ inline BiasFormat bias_format_of(c10::ScalarType t) {
     case c10::ScalarType::Half: return BiasFormat::kFloat16;
     default: return BiasFormat::kFloat64;
   }
+}
+
+// Host side. Whether route_row routes rows of num_experts logits with these arguments: ones the
+// op accepts (see check_topk_routing_args in fusion_passes/ops.py; the fused kernel's caller has
+// not checked them) within the kernel's scope: k <= 32, E <= 512, n_group <= 32, a correction
+// bias in fp32/bf16/fp16/fp64. The logits' own dtype and layout are the caller's to check.
+inline bool routing_in_scope(int64_t num_experts, int64_t k, const std::string& scoring,
+                             const std::optional<at::Tensor>& correction_bias, int64_t n_group, int64_t topk_group,
+                             const std::string& group_score, const c10::Device& device) {
+  if (!(1 <= k && k <= num_experts && k <= kMaxK && num_experts <= kMaxExperts)) return false;
+  if (scoring != "softmax" && scoring != "sigmoid") return false;
+  if (group_score != "top2_sum" && group_score != "max") return false;
+  if (correction_bias.has_value()) {
+    const c10::ScalarType t = correction_bias->scalar_type();
+    const bool format = t == c10::ScalarType::Float || t == c10::ScalarType::BFloat16 || t == c10::ScalarType::Half ||
+                        t == c10::ScalarType::Double;
+    if (!(format && correction_bias->dim() == 1 && correction_bias->size(0) == num_experts &&
+          correction_bias->device() == device)) {
+      return false;
+    }
+  }
+  return n_group >= 1 && n_group <= kMaxGroups && num_experts % n_group == 0 && 1 <= topk_group &&
+         topk_group <= n_group && k <= topk_group * (num_experts / n_group);
 }
 
 // Host side. Experts per lane (route_row's VPL), rounded up to a compiled bucket.
@@ -420,12 +466,13 @@ inline int lanes_per_group(int num_experts, int n_group) {
 
 // ------------------------------------------------------------------------------------ groups
 
-// The fp32 score of a group from its best two selection keys (an invalid key counts -FLT_MAX),
-// summed without flushing as the reference sums them; then its key. Group scores are never NaN,
-// so score_key orders them, +-Inf included, all above kTakenKey.
-template <typename DecodeKey>
-__device__ __forceinline__ uint32_t group_key_of(uint32_t best, uint32_t second, bool best_only, DecodeKey decode) {
-  const auto score_of = [&](uint32_t key) { return key > kInvalidKey ? decode(key) : -FLT_MAX; };
+// The fp32 score of a group from its best two selection keys: the sum of their group terms
+// (`term_of` a valid key; an invalid key counts -FLT_MAX), added without flushing as the
+// reference adds them; then its key. Group scores are never NaN, so score_key orders them,
+// +-Inf included, all above kTakenKey.
+template <typename TermOfKey>
+__device__ __forceinline__ uint32_t group_key_of(uint32_t best, uint32_t second, bool best_only, TermOfKey term_of) {
+  const auto score_of = [&](uint32_t key) { return key > kInvalidKey ? term_of(key) : -FLT_MAX; };
   return score_key(best_only ? score_of(best) : add_keep_subnormal(score_of(best), score_of(second)));
 }
 
@@ -518,17 +565,25 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
     list[j] = make_entry<Entry>(key, first + j);
   }
 
+  // Softmax without a bias needs the row's largest logit for the weights, and with groups
+  // before they drop any expert (the best may sit in a dropped group), also for the group terms.
+  uint32_t max_key = kTakenKey;
+  if constexpr (kGrouped && !kHasBias && !kSigmoid) {
+    max_key = __reduce_max_sync(kFullMask, lane_max_key);
+    if (max_key > kInvalidKey) row_max = key_to_logit<F, kHalfKeys>(max_key);
+  }
+  // A valid selection key's group term (step 4 of the reference): the selection score (the
+  // logit without a bias), or for top2_sum without a bias the probability that ranks groups.
+  const auto group_term = [&](uint32_t key) {
+    const float score = key_to_logit<F, kHalfKeys>(key);  // with a bias: key_to_float, p + bias
+    if (kHasBias || s.group_max) return score;
+    return kSigmoid ? sigmoid_like_torch(score) : softmax_group_term(score, row_max);
+  };
+  const bool best_only = s.group_max || s.group_size == 1;
+
   // Groups whose shape is not a power of two of whole lanes: lane g < n_group scores group g by
   // scanning its experts in memory with the expressions above (the same bits as their owners'
   // keys), then each lane drops its experts of unkept groups before sorting.
-  const auto decode = [](uint32_t key) {
-    if constexpr (kHalfKeys) {
-      return half_key_to_float<F>(key);
-    } else {
-      return key_to_float(key);
-    }
-  };
-  const bool best_only = s.group_max || s.group_size == 1;
   if (kGrouped && s.lanes_per_group == 0) {
     uint32_t best = kTakenKey;
     uint32_t second = kTakenKey;
@@ -550,7 +605,7 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
         best = max(best, key);
       }
     }
-    const uint32_t group_key = lane < s.n_group ? group_key_of(best, second, best_only, decode) : kTakenKey;
+    const uint32_t group_key = lane < s.n_group ? group_key_of(best, second, best_only, group_term) : kTakenKey;
     const unsigned kept_groups = __ballot_sync(kFullMask, group_is_kept(group_key, lane, 1, s));
 #pragma unroll
     for (int j = 0; j < VPL; ++j) {
@@ -560,10 +615,6 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
   }
   sort_descending<VPL>(list);
 
-  // Without a bias, softmax needs the row's largest logit: the first round's key, unless
-  // groups may drop the expert that holds it.
-  uint32_t max_key = kTakenKey;
-  if constexpr (kGrouped && !kHasBias && !kSigmoid) max_key = __reduce_max_sync(kFullMask, lane_max_key);
   if (kGrouped && s.lanes_per_group > 0) {
     // A group is lanes_per_group aligned lanes (a power of two): a butterfly over them merges
     // the lanes' sorted (best, second best) keys, so every lane of a group holds its score;
@@ -577,7 +628,7 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
       best = max(best, other_best);
     }
     const int group = lane / s.lanes_per_group;
-    const uint32_t group_key = group < s.n_group ? group_key_of(best, second, best_only, decode) : kTakenKey;
+    const uint32_t group_key = group < s.n_group ? group_key_of(best, second, best_only, group_term) : kTakenKey;
     if (!group_is_kept(group_key, group, s.lanes_per_group, s)) {
 #pragma unroll
       for (int j = 0; j < VPL; ++j) list[j] = Entry(0);

@@ -189,9 +189,17 @@ def topk_routing_reference(
        monotonic, so this orders exactly like p, and rounding never invents ties);
        with one, p + bias (bias clamped like x). A NaN selection score is invalid.
     4. Groups (n_group > 1): the E experts form n_group groups of E/n_group contiguous
-       experts. A group's score, in fp32, is the sum of its two highest selection scores
-       (group_score="top2_sum"; a group of one expert: that one) or its highest ("max"),
-       where an invalid entry counts as -FLT_MAX: never NaN, possibly -FLT_MAX or -Inf.
+       experts. A group's score, in fp32, is the sum of its two highest *group terms*
+       (group_score="top2_sum"; a group of one expert: its only one) or its highest ("max").
+       A valid entry's term is its selection score, except for "top2_sum" without a bias,
+       where the groups are ranked by probabilities: the term is sigmoid(x) (p itself), or
+       for softmax p's numerator u = exp(t) with t = x - m in fp32, m the row's largest
+       valid x, and u = 0 where t < -87. (Dividing by the row's sum would not change the
+       order of the u, and the score stays free of the sum's rounding; exp(-87) ~ 1.6e-38
+       is still a normal float, so a kernel that flushes subnormal results gets the same
+       terms.) An invalid entry's term is -FLT_MAX, so a group score is never NaN: a group
+       with an invalid entry among its best two scores about -FLT_MAX, an all-invalid
+       group -Inf (with probability terms, in [0, 1], every other group ranks above both).
        The topk_group best groups are kept, ties to the lower group index; only their
        experts are candidates below. n_group=1 keeps every expert.
     5. ids: the k best candidates, valid ones first by descending selection score, ties to
@@ -219,7 +227,8 @@ def topk_routing_in_torch(
     if scoring == "softmax":
         masked = x.masked_fill(~valid, float("-inf"))
         row_max = masked.amax(dim=-1, keepdim=True).masked_fill(~valid.any(-1, keepdim=True), 0.0)
-        unnormalized = torch.exp(masked - row_max)  # exp(-inf) = 0 for invalid entries
+        shifted = masked - row_max
+        unnormalized = torch.exp(shifted)  # exp(-inf) = 0 for invalid entries
         p = unnormalized / unnormalized.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     else:
         p = torch.sigmoid(x).masked_fill(~valid, 0.0)
@@ -233,7 +242,13 @@ def topk_routing_in_torch(
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     # Invalid entries all carry -inf, so the stable sort keeps them in index order too.
     if n_group > 1:
-        kept = _kept_experts(score, valid, n_group, topk_group, group_score)
+        if correction_bias is not None or group_score == "max":
+            group_terms = score
+        elif scoring == "softmax":
+            group_terms = torch.where(shifted < _SOFTMAX_GROUP_TERM_FLOOR, 0.0, unnormalized)
+        else:
+            group_terms = p
+        kept = _kept_experts(group_terms, valid, n_group, topk_group, group_score)
         # A second stable sort moves the experts of dropped groups behind every kept one and
         # keeps the order above among the kept ones.
         dropped = (~kept.gather(1, order)).to(torch.uint8)
@@ -248,11 +263,15 @@ def topk_routing_in_torch(
     return weights, ids
 
 
-def _kept_experts(score, valid, n_group, topk_group, group_score):
+# Step 4: a softmax group term u = exp(t) counts as 0 where t < this (exp(-87) is normal).
+_SOFTMAX_GROUP_TERM_FLOOR = -87.0
+
+
+def _kept_experts(group_terms, valid, n_group, topk_group, group_score):
     """[T, E] bool: the experts of each row's topk_group best groups (step 4 above)."""
-    num_rows, num_experts = score.shape
+    num_rows, num_experts = group_terms.shape
     finfo = torch.finfo(torch.float32)
-    grouped = score.masked_fill(~valid, finfo.min).view(num_rows, n_group, num_experts // n_group)
+    grouped = group_terms.masked_fill(~valid, finfo.min).view(num_rows, n_group, num_experts // n_group)
     if group_score == "max" or grouped.shape[-1] == 1:
         group_scores = grouped.amax(dim=-1)
     else:
@@ -260,7 +279,7 @@ def _kept_experts(score, valid, n_group, topk_group, group_score):
         group_scores = top2[..., 0] + top2[..., 1]
     # Group scores are never NaN, so the stable sort's order is total: ties to the lower group.
     kept_groups = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_group]
-    kept = torch.zeros(num_rows, n_group, dtype=torch.bool, device=score.device)
+    kept = torch.zeros(num_rows, n_group, dtype=torch.bool, device=group_terms.device)
     kept.scatter_(1, kept_groups, True)
     return kept.repeat_interleave(num_experts // n_group, dim=1)
 

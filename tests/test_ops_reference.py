@@ -274,8 +274,10 @@ def routing_float64(
     correction bias; a NaN score is invalid), ties to the lower index, then the invalid
     entries by index. weights = p[ids], renormalized to sum 1 (1/k each if the sum is 0).
     With groups, only the experts of the topk_group best groups are ranked: a group scores
-    fp32(top1 + top2) (or its top1; a one-expert group its only score) of its selection
-    scores, invalid ones counting -FLT_MAX; ties go to the lower group.
+    fp32(top1 + top2) (or its top1; a one-expert group its only one) of its entries' terms,
+    invalid ones counting -FLT_MAX; ties go to the lower group. A term is the selection
+    score, except for "top2_sum" without a bias: the fp32 sigmoid p, or for softmax
+    fp32(exp(t)) of t = fp32(x - max), 0 where t < -87.
     Returns (weights float64 [T, k], ids int64 [T, k]).
     """
     bias = None if correction_bias is None else [_clamp(b) for b in correction_bias.float().tolist()]
@@ -288,6 +290,8 @@ def routing_float64(
             if any(valid):
                 top = max(v for v, ok in zip(x, valid) if ok)
                 e = [math.exp(v - top) if ok else 0.0 for v, ok in zip(x, valid)]
+                shifted = [to_f32(v - top) if ok else -INF for v, ok in zip(x, valid)]
+                numerators = [0.0 if t < -87 else to_f32(math.exp(t)) for t in shifted]
                 total = sum(e)
                 p = [ei / total for ei in e]
             else:
@@ -300,10 +304,14 @@ def routing_float64(
         else:
             score = [_clamp(to_f32(pi + bi)) for pi, bi in zip(p, bias)]
             valid = [ok and not math.isnan(s) for ok, s in zip(valid, score)]
+        if bias is not None or group_score == "max":
+            terms = score
+        else:  # an all-invalid softmax row has no numerators, and needs no terms
+            terms = numerators if scoring == "softmax" and any(valid) else p
         size = E // n_group
         group_scores = []
         for g in range(n_group):
-            members = sorted((score[i] if valid[i] else -FLT_MAX for i in range(g * size, (g + 1) * size)), reverse=True)
+            members = sorted((terms[i] if valid[i] else -FLT_MAX for i in range(g * size, (g + 1) * size)), reverse=True)
             group_scores.append(members[0] if group_score == "max" or size == 1 else to_f32(members[0] + members[1]))
         kept_groups = sorted(range(n_group), key=lambda g: (-group_scores[g], g))[:topk_group]
         candidates = [i for i in range(E) if i // size in kept_groups]
@@ -657,45 +665,97 @@ class TestTopkRoutingGroups:
             plain_weights, plain_ids = topk_routing(logits, 8, scoring, True, bias)
             assert torch.equal(ids, plain_ids) and torch.equal(weights, plain_weights)
 
-    def test_group_ties_go_to_the_lower_group(self):
-        # Groups 1 and 3 tie on top-2 sum (3 + 1 = 2 + 2); group 1 is kept.
-        logits = row(0.0, 0.0, 3.0, 1.0, 0.0, 0.0, 2.0, 2.0)
-        _, ids = check_routing(logits, 2, "softmax", True, None, 4, 1)
+    def test_top2_sum_without_a_bias_ranks_groups_by_probabilities(self):
+        # softmax: group 0 = {5, -4} scores exp(0) + exp(-9) ~ 1.0001 (p's numerators, the
+        # row max 5), group 1 = {3, 3} 2 exp(-2) ~ 0.27: group 0 is kept, although its logits
+        # sum to 1 and group 1's to 6.
+        weights, ids = check_routing(row(5.0, -4.0, 3.0, 3.0, 0.0, 0.0), 2, "softmax", False, None, 3, 1)
+        assert ids.tolist() == [[0, 1]]
+        assert weights[0, 0].item() == pytest.approx(1 / (1 + math.exp(-9) + 2 * math.exp(-2) + 2 * math.exp(-5)))
+        # sigmoid: group 0 = {6, -3} scores 0.9975 + 0.0474 = 1.045, group 1 = {1, 1}
+        # 2 * 0.731 = 1.462: group 1 is kept, although group 0's logits sum higher (3 > 2).
+        _, ids = check_routing(row(6.0, -3.0, 1.0, 1.0), 2, "sigmoid", True, None, 2, 1)
         assert ids.tolist() == [[2, 3]]
+        # "max" still ranks by the best expert: group 0 (6 > 1).
+        _, ids = check_routing(row(6.0, -3.0, 1.0, 1.0), 2, "sigmoid", True, None, 2, 1, "max")
+        assert ids.tolist() == [[0, 1]]
+
+    def test_softmax_group_terms_below_exp_minus_87_count_zero(self):
+        # Row max 100. Group 1 = {12, 11} (t = -88, -89) and group 2 = {12.5, 12.5} (t = -87.5)
+        # both score 0: a tie, so group 1 is kept with group 0, although 2 exp(-87.5) > exp(-88)
+        # + exp(-89) (subnormal numbers).
+        _, ids = check_routing(row(100.0, 100.0, 12.0, 11.0, 12.5, 12.5), 3, "softmax", True, None, 3, 2)
+        assert ids.tolist() == [[0, 1, 2]]
+        # At t = -86.5 the term is exp(-86.5) ~ 2.7e-38, a normal float: group 2 wins.
+        _, ids = check_routing(row(100.0, 100.0, 12.0, 11.0, 13.5, 12.5), 3, "softmax", True, None, 3, 2)
+        assert ids.tolist() == [[0, 1, 4]]
+
+    def test_sigmoid_group_terms_keep_subnormal_probabilities(self):
+        # sigmoid(-88) ~ 6.05e-39 (subnormal): group 0 scores 1.21e-38, group 1 = {-87.2, -89}
+        # sigmoid(-87.2) + 0 ~ 1.35e-38 and is kept (by logits, -176 > -176.2, group 0 would be).
+        weights, ids = check_routing(row(-88.0, -88.0, -87.2, -89.0), 2, "sigmoid", False, None, 2, 1)
+        assert ids.tolist() == [[2, 3]]
+        assert weights[0, 0].item() == pytest.approx(_sigmoid(to_f32(-87.2)), rel=1e-6)
+
+    def test_group_ties_go_to_the_lower_group(self):
+        # Groups 1 and 3 hold the same logits, so the same probabilities: a tie, group 1 is kept.
+        logits = row(0.0, 0.0, 3.0, 1.0, 0.0, 0.0, 1.0, 3.0)
+        for scoring in ("softmax", "sigmoid"):
+            for group_score in ("top2_sum", "max"):
+                _, ids = check_routing(logits, 2, scoring, True, None, 4, 1, group_score)
+                assert ids.tolist() == [[2, 3]]
         _, ids = check_routing(row(1.0, 1.0, 1.0, 1.0, 1.0, 1.0), 3, "sigmoid", True, None, 3, 2)
         assert ids.tolist() == [[0, 1, 2]]
 
-    def test_a_nan_member_counts_as_minus_flt_max(self):
-        # Group 0 = {NaN, 9}: 9 - FLT_MAX rounds to -FLT_MAX, below group 1's 0 + 0.
-        _, ids = check_routing(row(NAN, 9.0, 0.0, 0.0), 2, "softmax", False, None, 2, 1)
+    @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+    def test_a_nan_member_counts_as_minus_flt_max(self, scoring):
+        # Group 0 = {NaN, 9}: p(9) - FLT_MAX rounds to -FLT_MAX, below group 1's {0, 0}.
+        _, ids = check_routing(row(NAN, 9.0, 0.0, 0.0), 2, scoring, False, None, 2, 1)
         assert ids.tolist() == [[2, 3]]
         # With "max" group 0 scores 9 and is kept; its NaN member comes last, by index.
-        _, ids = check_routing(row(NAN, 9.0, 0.0, 0.0), 2, "softmax", False, None, 2, 1, "max")
+        _, ids = check_routing(row(NAN, 9.0, 0.0, 0.0), 2, scoring, False, None, 2, 1, "max")
         assert ids.tolist() == [[1, 0]]
 
-    def test_all_nan_group_ranks_last_and_ties_with_an_overflowing_group(self):
-        # Group 0 all NaN: -FLT_MAX + -FLT_MAX = -Inf. Group 1 = {-Inf, -Inf} logits clamp to
-        # -FLT_MAX each, valid, and its sum is -Inf too: a tie, so group 0 is kept.
+    @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+    def test_all_nan_group_ranks_below_every_group_with_a_valid_expert(self, scoring):
+        # Group 0 all NaN: -FLT_MAX + -FLT_MAX = -Inf. Group 2 = {1, NaN}: p(1) - FLT_MAX =
+        # -FLT_MAX. Group 1 = {-Inf, -Inf}: clamped, valid, p = 0 (sigmoid) or 1/2 (softmax,
+        # the row max is -FLT_MAX too, at index 2), so groups 1 and 2 are kept.
         logits = row(NAN, NAN, -INF, -INF, 1.0, NAN)
-        _, ids = check_routing(logits, 3, "sigmoid", True, None, 3, 2)
-        # Groups 2 (1 - FLT_MAX = -FLT_MAX) and 0; the kept invalid experts 0, 1, 5 by index.
-        assert ids.tolist() == [[4, 0, 1]]
-        _, ids = check_routing(row(NAN, NAN, -INF, -INF), 2, "sigmoid", True, None, 2, 1)
-        assert ids.tolist() == [[0, 1]]
+        _, ids = check_routing(logits, 3, scoring, True, None, 3, 2)
+        assert ids.tolist() == [[4, 2, 3]]
+        _, ids = check_routing(row(NAN, NAN, -INF, -INF), 2, scoring, True, None, 2, 1)
+        assert ids.tolist() == [[2, 3]]
 
+    def test_max_of_a_clamped_infinity_ties_with_an_all_nan_group(self):
+        # "max" ranks by the logits: group 1's best, -Inf clamped to -FLT_MAX, ties with the
+        # all-NaN group 0's -FLT_MAX, so group 0 is kept (with group 2); its NaN experts come
+        # after the valid expert 4, by index.
+        _, ids = check_routing(row(NAN, NAN, -INF, -INF, 1.0, NAN), 3, "sigmoid", True, None, 3, 2, "max")
+        assert ids.tolist() == [[4, 0, 1]]
+
+    @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
     @pytest.mark.parametrize("group_score", ["top2_sum", "max"])
     @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
     @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
-    def test_all_nan_row_keeps_the_first_groups(self, group_score, scoring, dtype):
+    def test_all_nan_row_keeps_the_first_groups(self, with_bias, group_score, scoring, dtype):
         logits = torch.full((2, 64), NAN, dtype=dtype)
-        weights, ids = check_routing(logits, 8, scoring, True, torch.zeros(64), 8, 4, group_score)
+        bias = torch.zeros(64) if with_bias else None
+        weights, ids = check_routing(logits, 8, scoring, True, bias, 8, 4, group_score)
         assert ids.tolist() == [list(range(8))] * 2
         assert weights.tolist() == [[0.125] * 8] * 2
 
-    def test_positive_infinities_overflow_a_group_score_to_inf(self):
-        # Group 1 = {+Inf, +Inf}: FLT_MAX + FLT_MAX = +Inf, above group 0's FLT_MAX + 0.
-        logits = row(INF, 0.0, INF, INF, 5.0, 5.0)
-        _, ids = check_routing(logits, 2, "softmax", True, None, 3, 1)
+    def test_positive_infinities_overflow_a_biased_group_score_to_inf(self):
+        # p + bias with +Inf bias clamps to FLT_MAX: group 1 = FLT_MAX + FLT_MAX = +Inf, above
+        # group 0's FLT_MAX + 0.5 = FLT_MAX.
+        bias = torch.tensor([INF, 0.0, INF, INF, 5.0, 5.0])
+        _, ids = check_routing(torch.zeros(1, 6), 2, "sigmoid", True, bias, 3, 1)
+        assert ids.tolist() == [[2, 3]]
+
+    def test_two_positive_infinities_make_the_best_softmax_group(self):
+        # Clamped to FLT_MAX, the row max: group 1 = {+Inf, +Inf} scores exp(0) + exp(0) = 2,
+        # group 0 = {+Inf, 0} 1 + 0 (0 - FLT_MAX is far below -87), group 2 0.
+        _, ids = check_routing(row(INF, 0.0, INF, INF, 5.0, 5.0), 2, "softmax", True, None, 3, 1)
         assert ids.tolist() == [[2, 3]]
 
     def test_single_expert_groups_score_their_only_expert(self):
@@ -791,8 +851,9 @@ class TestTopkRoutingProperties:
         T, E = logits.shape
         assert_routing_invariants(weights, ids, T, k, E, renormalize)
         if bias is None:
-            # Without a bias the selection score is x itself: ids are exact, whatever NaN,
-            # Inf or ties the row holds.
+            # Without a bias the selection score is x itself and the group terms are fp32
+            # sigmoids or exps of fp32 differences: ids are exact, whatever NaN, Inf or ties
+            # the row holds.
             expected_weights, expected_ids = routing_float64(logits, k, scoring, renormalize, None, *group_args)
             assert ids.tolist() == expected_ids.tolist()
             torch.testing.assert_close(weights.double(), expected_weights, rtol=1e-5, atol=1e-7)

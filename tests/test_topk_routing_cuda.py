@@ -11,9 +11,10 @@ Inputs are drawn fresh on every run (the seed is in each failure message). What 
 - sigmoid scoring (with or without a correction bias, grouped or not, renormalized or not):
   ids AND weights bitwise. The kernel computes p as torch.sigmoid does on CUDA, p + bias and
   the group sums with IEEE fp32 adds, and the renormalization sum in the reference's order.
-- softmax without a bias: ids exactly (the selection score is the logit itself, and group
-  scores are exact sums of logits); weights within fp32 rounding (the kernel's exp and sum
-  order differ from torch's).
+- softmax without a bias: ids exactly (the selection score is the logit itself; the group
+  terms of top2_sum, exp(x - max), are torch.exp's bits on CUDA, and the group sums IEEE fp32
+  adds); weights within fp32 rounding (the kernel's exp for them and its sum order differ
+  from torch's).
 - softmax with a bias: the selection score p + bias differs by rounding, so ids may differ
   only between experts whose reference selection scores tie within rounding (and a row whose
   group scores tie within rounding at the cut may keep either group); the weights are
@@ -580,6 +581,65 @@ def test_group_shapes(kernel, num_experts, n_group, topk_group):
             weights, ids = run_op(logits, k, scoring, renormalize, bias, groups)
             msg = f"[seed={seed} E={num_experts} k={k} {dtype} {scoring} renorm={renormalize} bias={bias_kind} groups={groups}]"
             assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids, msg, groups)
+
+
+# ------------------------------------------------------------ group terms of probabilities
+
+# (E, n_group, topk_group): the butterfly group path (6/3, 256/8, 64/32) and the scanning one
+# (9/3, 160/5, 160/32); see butterfly_groups.
+PROBABILITY_GROUP_SHAPES = ((6, 3, 2), (9, 3, 2), (256, 8, 4), (160, 5, 2), (64, 32, 8), (160, 32, 8))
+# Where the levels of near_tie_group_rows lie: for softmax t = level - row max (across the -87
+# floor, where exp rounds neighbours alike near 0, anywhere); for sigmoid the level itself
+# (subnormal results, near 0, where it rounds to about 1, anywhere).
+SOFTMAX_SHIFTS = ((-87.5, -86.5), (-1e-3, 0.0), (-2.0, 0.0), (-90.0, 0.0))
+SIGMOID_LEVELS = ((-89.0, -86.0), (-1e-3, 1e-3), (8.0, 17.0), (-95.0, 20.0))
+
+
+def near_tie_group_rows(num_tokens: int, num_experts: int, n_group: int, scoring: str, gen) -> torch.Tensor:
+    """Rows whose groups differ only in how their probability terms round: every expert at a
+    floor whose term is 0, expert 0 at the row max, and in each group a best expert a few fp32
+    ulps from a level the row shares, its second best too or at the floor. By the logits the
+    group of the largest bits would win; by the terms, groups tie wherever exp (or sigmoid)
+    rounds neighbouring inputs alike, so the kernel keeps the reference's groups only if its
+    terms are the reference's bits."""
+    size = num_experts // n_group
+    ranges = torch.tensor(SOFTMAX_SHIFTS if scoring == "softmax" else SIGMOID_LEVELS)
+    lo, hi = ranges[torch.randint(0, len(ranges), (num_tokens,), generator=gen)].unbind(1)
+    drawn = (lo + (hi - lo) * torch.rand(num_tokens, generator=gen)).unsqueeze(1)
+    if scoring == "softmax":
+        row_max = torch.randn(num_tokens, 1, generator=gen) * 4
+        level = row_max + drawn
+    else:
+        level = drawn
+        row_max = level + 3 * torch.rand(num_tokens, 1, generator=gen)
+    logits = torch.full((num_tokens, num_experts), -1e30)
+    members = min(2, size)
+    for group in range(n_group):
+        ulps = torch.randint(-3, 4, (num_tokens, members), dtype=torch.int32, generator=gen)
+        near = (level.view(torch.int32) + ulps).view(torch.float32)
+        if members == 2:
+            near[:, 1] = torch.where(torch.rand(num_tokens, generator=gen) < 0.5, near[:, 1], -1e30)
+        slots = torch.rand(num_tokens, size, generator=gen).argsort(dim=1)[:, :members]
+        logits.scatter_(1, group * size + slots, near)
+    logits[:, :1] = row_max
+    return logits
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scoring", SCORINGS)
+@pytest.mark.parametrize("num_experts,n_group,topk_group", PROBABILITY_GROUP_SHAPES)
+def test_top2_sum_without_a_bias_keeps_the_reference_groups(kernel, num_experts, n_group, topk_group, scoring):
+    """Groups ranked by the sum of their two best probabilities (sigmoid, or softmax's
+    numerators): near ties of every kind, on the butterfly and the scanning path; ids bitwise."""
+    gen, seed = fresh_generator()
+    groups = (n_group, topk_group, "top2_sum")
+    k = min(8, topk_group * (num_experts // n_group))
+    for dtype in LOGIT_DTYPES:
+        logits = near_tie_group_rows(4096, num_experts, n_group, scoring, gen).to(dtype).cuda()
+        for renormalize in (True, False):
+            weights, ids = run_op(logits, k, scoring, renormalize, None, groups)
+            msg = f"[seed={seed} E={num_experts} k={k} {dtype} {scoring} renorm={renormalize} groups={groups}]"
+            assert_matches_reference(logits, k, scoring, renormalize, None, weights, ids, msg, groups)
 
 
 # -------------------------------------------------------------------------- sigmoid like torch
