@@ -69,6 +69,7 @@ FAMILY_CONFIG = {
     ),
     "dots1": dict(GROUPS, n_shared_experts=1),
     "glm4_moe": dict(GROUPS),
+    "llama4_text": dict(intermediate_size_mlp=64),
     # Renormalized top-k (softmax -> top-k -> divide by the sum); qwen2_moe and olmoe keep
     # their default, the form without the division.
     "qwen3_moe": dict(norm_topk_prob=True),
@@ -95,6 +96,7 @@ FAMILIES = [
     "granitemoe",
     "hunyuan_v1_moe",
     "jetmoe",
+    "llama4_text",
     "longcat_flash",
     "minimax",
     "mixtral",
@@ -105,8 +107,7 @@ FAMILIES = [
 ]
 NOT_COVERED = {
     "phimoe": "sparsemixer routing (a jittered two-pass top-1 with masks) is not a form topk_routing computes",
-    "llama4_text": "top-k of the logits scattered into a -inf tensor then sigmoid: not matched yet",
-    "llama4": "the text model as llama4_text",
+    "llama4": "the vision-language model around llama4_text, whose routing that covers",
     "mistral4": "groups ranked by the sum of their two best probabilities without a bias: the op ranks"
     " groups by the logits then (the same order only for a group's max)",
     "mistral_large4": "as mistral4",

@@ -437,6 +437,67 @@ def test_addmm_with_a_broadcast_bias_is_not_a_router():
     torch.testing.assert_close(outs[0], refs[0])
 
 
+class Llama4Router(torch.nn.Module):
+    """Llama 4's router: the top-k logits scattered into -inf, then sigmoid, a dense [T, E]
+    score (0 for the experts not chosen). ``change`` alters one step, so that the op no
+    longer computes it."""
+
+    def __init__(self, change=None, k=2):
+        super().__init__()
+        self.gate = torch.nn.Linear(H, E, bias=False)
+        self.change, self.k = change, k
+
+    def forward(self, x):
+        logits = self.gate(x)
+        values, ids = torch.topk(logits, self.k, dim=1)
+        fill = 0.0 if self.change == "scattered_into_zeros" else float("-inf")  # sigmoid(0) = 1/2
+        scattered = torch.full_like(logits, fill).scatter_(1, ids, values)
+        scores = torch.sigmoid(scattered.float()).to(scattered.dtype)
+        if self.change == "scattered_used_elsewhere":
+            return scores, scattered.exp()
+        if self.change == "values_used_elsewhere":
+            return scores, values * 2
+        return scores
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama4_scattered_sigmoid_matches_and_agrees_with_eager(dtype):
+    torch.manual_seed(0)
+    module = Llama4Router().to(dtype)
+    counts, scores, scores_ref, graphs = run(module, torch.randn(7, H, dtype=dtype))
+    assert counts["router_gemm"] == 1 and counts["nan_safe_routing"] == 1
+    (call,) = [n for g in graphs for n in g.nodes if n.target is ops.topk_routing]
+    assert call.args[1:4] == (2, "sigmoid", False)
+    replaced = (torch.ops.aten.topk.default, torch.ops.aten.sigmoid.default)
+    assert not [n for g in graphs for n in g.nodes if n.target in replaced]
+    assert scores.dtype == dtype
+    torch.testing.assert_close(scores != 0, scores_ref != 0, rtol=0, atol=0)  # the same experts chosen
+    torch.testing.assert_close(scores, scores_ref, rtol=0, atol=0)
+
+
+def test_llama4_nan_row_gets_k_distinct_experts_and_finite_scores():
+    torch.manual_seed(0)
+    module = Llama4Router(k=4)
+    x = torch.randn(4, H)
+    x[2] = float("nan")
+    counts, scores, scores_ref, _ = run(module, x)
+    assert counts["nan_safe_routing"] == 1
+    assert scores_ref[2].isnan().any()  # what eager hands the experts
+    assert torch.isfinite(scores).all() and (scores >= 0).all()
+    # The op's all-NaN row: ids 0..k-1, weights p = 0, so the row routes nowhere.
+    torch.testing.assert_close(scores[2], torch.zeros(E))
+    keep = [0, 1, 3]
+    torch.testing.assert_close(scores[keep], scores_ref[keep], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change", ["scattered_into_zeros", "scattered_used_elsewhere", "values_used_elsewhere"])
+def test_llama4_look_alikes_do_not_match(change):
+    counts, outs, refs, _ = run(Llama4Router(change), torch.randn(5, H))
+    assert counts["router_gemm"] == 1 and counts["nan_safe_routing"] == 0
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref)
+
+
 class GroupLimitedLookAlike(torch.nn.Module):
     """DeepSeek-V3's group-limited routing with one step changed so that the op no
     longer computes it."""

@@ -269,6 +269,25 @@ def after_inputs(graph: Graph, inputs: Iterable[Node]) -> Node:
     return node
 
 
+def full_value(node) -> float | None:
+    """The constant that a ``full`` / ``full_like`` node fills its tensor with."""
+    if is_call(node, aten.full.default, aten.full_like.default) and isinstance(node.args[1], (int, float)):
+        return float(node.args[1])
+    return None
+
+
+def refill(graph: Graph, full: Node, value: float, like: Node) -> Node:
+    """A copy of the ``full`` / ``full_like`` node ``full`` (same size, device, layout)
+    filled with ``value`` in ``like``'s dtype, at the current insertion point."""
+    dtype = fake(like).dtype
+    node = graph.call_function(full.target, (full.args[0], value, *full.args[2:]), {**full.kwargs, "dtype": dtype})
+    with fake(full).fake_mode:
+        node.meta["val"] = torch.full_like(fake(full), value, dtype=dtype)
+    if "stack_trace" in full.meta:
+        node.meta["stack_trace"] = full.meta["stack_trace"]
+    return node
+
+
 def cast_to(graph: Graph, node: Node, dtype: torch.dtype) -> Node:
     """``node`` converted to ``dtype`` (no node when it already has it)."""
     if fake(node).dtype == dtype:

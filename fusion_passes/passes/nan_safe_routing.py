@@ -26,10 +26,21 @@ softmax + bias form without groups, renormalized by ``w / clamp(w.sum(), min=eps
     ids    = topk(c.masked_fill(~mask, -inf), k, sorted=False)[1]
     w      = s.gather(1, ids);  w = w / (w.sum(-1, keepdim=True) + 1e-20);  w = w * scale
 
+Before (Llama 4: top-k of the logits scattered into -inf, then sigmoid; a dense [T, E]
+score, sigmoid(-inf) = 0 for the experts not chosen)::
+
+    vals, ids = topk(logits, k)
+    scores    = sigmoid(full_like(logits, -inf).scatter(1, ids, vals).float())
+
 After (every form; the group arguments only with groups)::
 
     w32, ids = fusion_passes.topk_routing(logits, k, scoring, renormalize, bias, G, topk_group, group_score)
     w        = w32.to(<the dtype the original consumers saw>)
+
+After (Llama 4: ``scoring="sigmoid", renormalize=False``; the dense score rebuilt)::
+
+    w32, ids = fusion_passes.topk_routing(logits, k, "sigmoid", False, None)
+    scores   = zeros_like(logits, float32).scatter(-1, ids, w32)
 
 Why: the composite is 5-10 launches at decode sizes, and ``topk`` over a row of NaNs
 (a padding token whose hidden state went bad) returns the same expert k times and
@@ -40,7 +51,8 @@ NaN policy). On finite inputs it computes what the original subgraph computes.
 Guard: top-k along the last dim of a 2-D tensor, largest, over at most
 ``PassConfig.max_experts`` columns (a sampler's top-k over a vocabulary is not
 routing), whose score comes from softmax or sigmoid, or whose values feed a softmax
-and nothing else. The values that the original graph exposes must be exactly what
+and nothing else, or a scatter into a [T, E] tensor of -inf whose only use is a sigmoid
+(Llama 4: the values and that tensor feed nothing else). The values that the original graph exposes must be exactly what
 the op returns (raw probabilities, or renormalized ones); otherwise no match.
 A renormalization ``w / (w.sum() + eps)`` (or ``clamp(min=eps)``) matches when eps is at
 most 1e-6, where it only differs from the op's zero-sum guard below fp32 rounding. The
@@ -66,11 +78,14 @@ from ._graph import (
     convert_dtype,
     erase_unused,
     fake,
+    full_value,
     getitem_users,
+    insert_call,
     insert_multi_output,
     is_call,
     is_last_dim,
     known_equal,
+    refill,
     renormalized,
     replace_with,
     rewrite_each,
@@ -94,11 +109,22 @@ class RoutingMatch:
     weights: Node | None  # the node whose value the op's weights replace (None: unused)
     ids: Node | None  # topk's ids getitem (None: unused)
     groups: GroupLimited | None = None
+    dense: DenseScores | None = None
 
     def group_args(self) -> tuple:
         if self.groups is None or self.groups.n_group == 1:
             return ()  # one group of every expert: exactly the ungrouped op
         return (self.groups.n_group, self.groups.topk_group, self.groups.group_score)
+
+
+@dataclasses.dataclass
+class DenseScores:
+    """Llama 4's [T, E] scores: the top-k logits scattered into -inf, then sigmoid, so
+    the k chosen experts get their sigmoid and every other expert sigmoid(-inf) = 0."""
+
+    fill: Node  # the [T, E] tensor of -inf that the top-k values are scattered into
+    scatter: Node
+    sigmoid: Node  # the node whose value the op's weights scattered into zeros replace
 
 
 @dataclasses.dataclass
@@ -211,13 +237,37 @@ def match(topk: Node, config: PassConfig) -> RoutingMatch | None:
         weights, renormalize = found
         return RoutingMatch(topk, scored.logits, k, scored.scoring, renormalize, scored.bias, weights, ids, groups)
 
-    # topk -> softmax (gpt-oss): the values feed one softmax and nothing else.
     if values is None:
         return None
+    dense = _scattered_sigmoid(score, values, ids)
+    if dense is not None:  # Llama 4: the op's sigmoid weights, without renormalization
+        return RoutingMatch(topk, strip_upcast(score), k, "sigmoid", False, None, None, ids, dense=dense)
+    # topk -> softmax (gpt-oss): the values feed one softmax and nothing else.
     softmax = _softmax_consuming(values)
     if softmax is None:
         return None
     return RoutingMatch(topk, score, k, "softmax", True, None, _through_downcast(softmax), ids)
+
+
+def _scattered_sigmoid(logits: Node, values: Node, ids: Node | None) -> DenseScores | None:
+    """``sigmoid(full_like(logits, -inf).scatter(-1, ids, values)[.float()])``, where the
+    top-k values feed the scatter and nothing else, and the scattered tensor the sigmoid."""
+    if ids is None or len(values.users) != 1:
+        return None
+    (scatter,) = values.users
+    if not is_call(scatter, aten.scatter.src) or not is_last_dim(scatter.args[1], 2):
+        return None
+    fill, index, source = scatter.args[0], scatter.args[2], scatter.args[3]
+    if index is not ids or source is not values or full_value(fill) != float("-inf") or len(fill.users) != 1:
+        return None
+    if not known_equal(fake(fill).shape, fake(logits).shape) or len(scatter.users) != 1:
+        return None
+    (sigmoid,) = scatter.users
+    if strip_upcast(sigmoid) is scatter and len(sigmoid.users) == 1:  # sigmoid(scores.float())
+        (sigmoid,) = sigmoid.users
+    if not is_call(sigmoid, aten.sigmoid.default) or strip_upcast(sigmoid.args[0]) is not scatter:
+        return None
+    return DenseScores(fill, scatter, sigmoid)
 
 
 def _softmax_consuming(values: Node) -> Node | None:
@@ -261,6 +311,8 @@ def replace(graph: Graph, found: RoutingMatch) -> None:
     replaced = upstream(found.topk, inputs) | {n for n in (found.weights, found.ids) if n is not None}
     if found.weights is not None:
         replaced |= upstream(found.weights, inputs)
+    if found.dense is not None:
+        replaced |= upstream(found.dense.sigmoid, inputs)
     with graph.inserting_before(after_inputs(graph, inputs)):
         weights, ids = insert_multi_output(
             graph,
@@ -272,6 +324,12 @@ def replace(graph: Graph, found: RoutingMatch) -> None:
             replace_with(graph, found.weights, weights)
         if found.ids is not None:
             found.ids.replace_all_uses_with(ids)
+    if found.dense is not None:
+        # The weights scattered into zeros: what the sigmoid computed (sigmoid(-inf) = 0).
+        with graph.inserting_before(found.dense.scatter):
+            zeros = refill(graph, found.dense.fill, 0.0, weights)
+            dense = insert_call(graph, aten.scatter.src, (zeros, -1, ids, weights), origin=found.dense.scatter)
+            replace_with(graph, found.dense.sigmoid, dense)
     erase_unused(replaced)
 
 
