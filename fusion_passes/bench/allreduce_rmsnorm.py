@@ -5,6 +5,7 @@ what a model runs without it, on the GPUs of one host, in CUDA-graph replay.
         [--decode-steps] [--out DIR]
     fusion-passes bench allreduce-rmsnorm --local-norm [--hidden 2880,4096,7168] \
         [--dtypes bf16,fp32] [--layouts rows8_persistent_pdl,block_per_row,...]
+    fusion-passes bench allreduce-rmsnorm --replot results.json [--out DIR]   # no GPU needed
 
 ``--local-norm`` times, on one GPU, only the NCCL path's add + RMSNorm kernel, in each of the
 ``--layouts`` (LOCAL_LAYOUTS), against Inductor's compiled add + RMSNorm, in one timing loop.
@@ -42,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 CALLS_PER_GRAPH = 50
+REPLAYS_PER_SAMPLE, SAMPLES = 4, 9
 DEFAULT_TOKENS = "1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192"
 DECODE_TOKENS = "1,2,4,8,16,32,64"
 EPS = 1e-5
@@ -142,7 +144,8 @@ def measure_ops(hidden: int, tokens: list[int], group_name: str) -> list[dict]:
         row = {"T": t, "H": hidden, "path": fused_allreduce.choose_algorithm(x, dist.get_world_size(), ws)}
         for name, fn in variants.items():
             try:
-                row[name] = _slowest(graph_time_per_call_us(fn, CALLS_PER_GRAPH, 4, 9, before_sample=dist.barrier))
+                us = graph_time_per_call_us(fn, CALLS_PER_GRAPH, REPLAYS_PER_SAMPLE, SAMPLES, before_sample=dist.barrier)
+                row[name] = _slowest(us)
             except RuntimeError as exc:  # e.g. a torch symm_mem op refusing this size, on every rank
                 row[name] = float("nan")
                 if rank == 0:
@@ -285,10 +288,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fusion_passes.bench.routing import readable_log_axes
+
     fig, ax = plt.subplots(figsize=(9, 5.5))
     headline = ("fused", "nccl+norm")
-    # Secondary series first, thin and dashed; the op and the baseline last, thick, on top.
-    for name in [n for n in PLOT_SERIES if n not in headline] + list(headline):
+    # The op and the baseline first in the legend and on top (zorder), thick; the others thin and dashed.
+    for name in list(headline) + [n for n in PLOT_SERIES if n not in headline]:
         points = [(row["T"], row[name]) for row in rows if name in row]
         if not points:
             continue
@@ -304,15 +309,22 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             zorder=3 if is_headline else 2,
             label=PLOT_SERIES[name],
         )
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    readable_log_axes(ax, sorted({row["T"] for row in rows}))
     ax.set_xlabel("tokens T (rows of x)")
     ax.set_ylabel("µs per call (lower is better)")
     ax.set_title(title)
-    ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_title(meta: dict, rows: list[dict]) -> str:
+    """What the plot shows, in words: the op, the shape, the GPUs, torch, the method."""
+    return (
+        f"All-reduce + residual add + RMSNorm, x [T, {rows[0]['H']}] bf16, {meta['world_size']} x {meta['device']}, "
+        f"torch {meta['torch']}\nCUDA-graph replay of {CALLS_PER_GRAPH} calls, median of {SAMPLES} samples, slower rank"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -335,7 +347,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-ops", action="store_true", help="only the decode steps")
     parser.add_argument("--out", type=Path, default=Path("bench_out/allreduce_rmsnorm"))
     parser.add_argument("--local-norm", action="store_true", help="one GPU: only the NCCL path's add + norm kernel")
+    parser.add_argument(
+        "--replot", type=Path, default=None, metavar="JSON", help="only redraw allreduce_rmsnorm.png into --out from a results.json"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        results = json.loads(args.replot.read_text())
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot(results["ops"], args.out / "allreduce_rmsnorm.png", plot_title(results["meta"], results["ops"]))
+        print(f"wrote {args.out / 'allreduce_rmsnorm.png'}")
+        return 0
     if args.local_norm:
         from fusion_passes import kernels
 
@@ -391,11 +412,7 @@ def main(argv: list[str]) -> int:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
         if "ops" in results:
             print("\n".join(results["targets"]))
-            title = (
-                f"All-reduce + residual add + RMSNorm, x [T, {hidden}] bf16, {dist.get_world_size()} x "
-                f"{torch.cuda.get_device_name()}\nCUDA-graph replay of {CALLS_PER_GRAPH} calls, median, slower rank"
-            )
-            plot(results["ops"], args.out / "allreduce_rmsnorm.png", title)
+            plot(results["ops"], args.out / "allreduce_rmsnorm.png", plot_title(results["meta"], results["ops"]))
     dist.destroy_process_group()
     return 0
 

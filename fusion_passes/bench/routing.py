@@ -20,6 +20,7 @@ DeepseekV3 form compiled by Inductor and run eagerly. The op's side includes the
 routed_scaling_factor that the pass leaves after it.
 
     python -m fusion_passes.bench.routing --out bench_out/routing
+    python -m fusion_passes.bench.routing --replot routing.json --out DIR   # redraw routing.png, no GPU
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def readable_log_axes(ax, tokens: list[int]) -> None:
 
 def plot_panels(panels: list[list[tuple[str, list[dict]]]], series, path: Path, title: str, panel_size, ylabel) -> None:
     """A grid of log-log panels of µs per call against T: panels[i][j] = (panel title, rows),
-    one line per (row key, legend label, line style) of series; the legend on the first panel."""
+    one line per (row key, legend label, line style) of series, the first (the op) thick and
+    on top; the legend under the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,15 +154,19 @@ def plot_panels(panels: list[list[tuple[str, list[dict]]]], series, path: Path, 
         for ax, (panel_title, rows) in zip(panel_axes, panel_row):
             subset = sorted(rows, key=lambda r: r["T"])
             tokens = [r["T"] for r in subset]
-            for key, label, style in series:
-                ax.plot(tokens, [r[key] for r in subset], style, label=label)
+            for index, (key, label, style) in enumerate(series):
+                headline = index == 0
+                ax.plot(tokens, [r[key] for r in subset], style, label=label,
+                        linewidth=2.5 if headline else 1.2, zorder=3 if headline else 2)
             readable_log_axes(ax, tokens)
             ax.set_title(panel_title)
             ax.set_xlabel("tokens T")
             ax.set_ylabel(ylabel)
-    axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    columns_of_legend = 2
+    legend_inches = 0.1 + 0.25 * -(-len(series) // columns_of_legend)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=columns_of_legend, frameon=False)
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -172,12 +178,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         [(f"E={e}, k={k}", [r for r in rows if r["E"] == e and r["k"] == k]) for e in experts] for k in ks
     ]
     series = (
-        ("fused_us", "fusion_passes kernel", "o-"),
-        ("fused_after_plain_us", "kernel after a non-PDL kernel", "o:"),
-        ("compiled_us", "torch.compile composite", "s--"),
-        ("eager_us", "eager composite", "^:"),
+        ("fused_us", "fusion_passes::topk_routing, calls back to back with PDL (as after the router GEMM)", "o-"),
+        ("fused_after_plain_us", "fusion_passes::topk_routing, each call after a kernel without PDL", "o:"),
+        ("compiled_us", "softmax → top-k → renormalize, torch.compile (Inductor)", "s--"),
+        ("eager_us", "softmax → top-k → renormalize, eager PyTorch", "^:"),
     )
-    plot_panels(panels, series, path, title, (4.2, 3.4), "µs per call")
+    plot_panels(panels, series, path, title, (4.2, 3.4), "µs per call (lower is better)")
+
+
+def plot_title(meta: dict) -> str:
+    """What routing.png shows, in words: the op, the logits, the GPU, torch, the method."""
+    return (
+        f"fusion_passes::topk_routing against the softmax → top-k → renormalize it replaces, {meta['dtype']} logits\n"
+        f"{meta['gpu']}, torch {meta['torch']}: median of CUDA-graph replays, {meta['calls_per_graph']} calls a graph"
+    )
 
 
 def plot_deepseek(rows: list[dict], path: Path, title: str) -> None:
@@ -308,11 +322,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--replays-per-sample", type=int, default=5)
     parser.add_argument("--samples", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path("bench_out/routing"))
+    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                        help="only redraw routing.png into --out from a routing.json of an earlier run")
     args = parser.parse_args(argv)
+    if args.replot:
+        results = json.loads(args.replot.read_text())
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot(results["rows"], args.out / "routing.png", plot_title(results["meta"]))
+        print(f"wrote {args.out / 'routing.png'}")
+        return 0
 
     if not torch.cuda.is_available():
         print("bench routing: needs a CUDA GPU", file=sys.stderr)
-        return 1
+        return 2
     from fusion_passes import kernels
 
     if not (kernels.load() and kernels.has_cuda_kernel("topk_routing")):
@@ -364,9 +386,10 @@ def main(argv: list[str]) -> int:
                 write_results(args.out, make_meta(argv, args, launch_floor), rows, [])  # partial results survive a kill
 
     summary = targets_report(rows)
-    write_results(args.out, make_meta(argv, args, launch_floor), rows, summary)
+    meta = make_meta(argv, args, launch_floor)
+    write_results(args.out, meta, rows, summary)
+    plot(rows, args.out / "routing.png", plot_title(meta))
     method = f"{torch.cuda.get_device_name()}, median of CUDA-graph replays ({args.calls_per_graph} calls a graph)"
-    plot(rows, args.out / "routing.png", f"topk_routing vs softmax-topk-renormalize, {args.dtype} logits\n{method}")
     print(f"wrote {args.out}/routing.csv, routing.json, routing.png")
     if args.deepseek_tokens:
         print()
