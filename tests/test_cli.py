@@ -102,6 +102,13 @@ def test_bench_allreduce_rmsnorm_without_gpus_is_one_line(capsys):
     assert code == 2 and err == f"bench allreduce-rmsnorm: needs 2 CUDA GPUs (--nproc), found {torch.cuda.device_count()}\n"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+@pytest.mark.parametrize("name", ["router-gemm", "routing", "e2e"])
+def test_gpu_benches_without_a_gpu_are_one_line(name, capsys):
+    code, out, err = run(["bench", name], capsys)  # e2e's CPU smoke run only when asked: --device cpu
+    assert (code, out, err.count("\n")) == (2, "", 1) and "needs a CUDA GPU" in err
+
+
 def test_check_passes_fails_and_lists_only_what_it_checked(tmp_path, capsys):
     dump = ["--dump-dir", str(tmp_path)]
     code, out, _ = run(["check", *QWEN_TP2, *dump, "--expect", "router_gemm=1,allreduce_rmsnorm=3"], capsys)

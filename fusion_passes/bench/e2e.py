@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -225,7 +226,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--full-layer", action="store_true", help="also one full-size gpt-oss-20b-shaped layer")
     parser.add_argument("--replays", type=int, default=50)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test of this script on tiny shapes"
+    )
     parser.add_argument("--out", default=None, help="write results.json and e2e.png here")
     parser.add_argument("--replot", default=None, help="only redraw e2e.png from DIR/results.json")
     parser.add_argument(
@@ -237,6 +240,9 @@ def main(argv: list[str]) -> int:
     if args.replot:
         plot(json.loads((Path(args.replot) / "results.json").read_text()), Path(args.replot) / "e2e.png")
         return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench e2e: needs a CUDA GPU (--device cpu: a smoke test of the script, not a measurement)", file=sys.stderr)
+        return 2
 
     configs = SMOKE_MODELS if args.device == "cpu" else BENCH_MODELS
     unknown = set(args.models.split(",")) - set(configs)
