@@ -29,13 +29,13 @@ class UsageError(Exception):
     """A bad argument found after parsing: printed as one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         """One line (argparse prints the whole usage first), exit status 2."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         """The default after the help, where there is one to show."""
         if action.default in (None, False, set()) or action.default is argparse.SUPPRESS:
@@ -43,7 +43,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         return super()._get_help_string(action)
 
 
-def _at_least(low: int):
+def at_least(low: int):
+    """An argparse type: an integer >= low, else one line naming the argument."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -83,9 +85,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     from .models import MODELS
 
     parser.add_argument("--model", default="gpt-oss", choices=list(MODELS), help="built-in model")
-    parser.add_argument("--layers", type=_at_least(1), default=4, help="decoder layers")
-    parser.add_argument("--tp", type=_at_least(1), default=1, help="tensor-parallel world size (fake process group without GPUs)")
-    parser.add_argument("--tokens", type=_at_least(1), default=8, help="tokens in the example batch (marked dynamic)")
+    parser.add_argument("--layers", type=at_least(1), default=4, help="decoder layers")
+    parser.add_argument("--tp", type=at_least(1), default=1, help="tensor-parallel world size (fake process group without GPUs)")
+    parser.add_argument("--tokens", type=at_least(1), default=8, help="tokens in the example batch (marked dynamic)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     parser.add_argument("--disable", type=_parse_passes, default=set(), metavar="PASS,...", help="passes to turn off")
@@ -276,16 +278,16 @@ def _bench_list() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .models import MODELS
 
-    parser = _Parser(
+    parser = OneLineParser(
         prog="fusion-passes",
         description=__doc__,
         epilog=f"built-in models: {', '.join(MODELS)}\npasses: {', '.join(PASS_NAMES)}\n{_bench_list()}",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, summary: str, run, **kwargs) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter, **kwargs)
+        sub = commands.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter, **kwargs)
         sub.set_defaults(run=run, parser=sub)
         return sub
 
@@ -301,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = command("inspect", "read a dump directory: the counts, and a pass's before/after diff", _inspect)
     inspect.add_argument("dir", help="a dump directory (--dump-dir, PassConfig.dump_dir or FUSION_PASSES_DUMP_DIR)")
     inspect.add_argument("--pass", dest="pass_name", choices=PASS_NAMES, help="show this pass's before/after diff")
-    inspect.add_argument("--graph", type=_at_least(0), default=None, help="only graph N's diff, numbered as in the table")
+    inspect.add_argument("--graph", type=at_least(0), default=None, help="only graph N's diff, numbered as in the table")
 
     bench = command("bench", "run a benchmark (fusion_passes/bench/NAME.py)", _bench, epilog=_bench_list())
     bench.add_argument("name", nargs="?", metavar="NAME", help="one of the benchmarks below")

@@ -51,6 +51,10 @@ def assert_usage_error(argv, message, capsys):
         (["check", "--expect", "router_gemm=-1"], "expected PASS=N with PASS in"),
         (["check", "--expect", "bogus=1"], "expected PASS=N with PASS in"),
         (["inspect", "/tmp", "--graph", "-1"], "argument --graph: expected an integer >= 0, got -1"),
+        (["bench", "compile-time", "--model", "gpt5"], "argument --model: invalid choice: 'gpt5'"),
+        (["bench", "compile-time", "--layers", "0"], "argument --layers: expected an integer >= 1, got 0"),
+        (["bench", "compile-time", "--repeats", "0"], "argument --repeats: expected an integer >= 1, got 0"),
+        (["bench", "compile-time", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -82,6 +86,8 @@ def test_tp_error_in_a_fresh_process_has_no_rank_prefixed_traceback():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_device_cuda_without_a_gpu(capsys):
     assert_usage_error(["demo", "--device", "cuda"], "--device cuda: no CUDA device is available", capsys)
+    code, out, err = run(["bench", "compile-time", "--device", "cuda"], capsys)
+    assert (code, out, err) == (2, "", "bench compile-time: --device cuda: no CUDA device is available\n")
 
 
 def test_dump_dir_that_cannot_be_written(tmp_path, capsys):

@@ -20,6 +20,8 @@ import statistics
 import subprocess
 import sys
 
+import torch
+
 from fusion_passes import progress
 
 CHILD = """
@@ -56,12 +58,15 @@ def measure(backend: str, args) -> tuple[float, float]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fusion-passes bench compile-time", description=__doc__)
-    parser.add_argument("--model", default="gpt-oss")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    from fusion_passes.cli import HelpFormatter, OneLineParser, at_least
+    from fusion_passes.models import MODELS
+
+    parser = OneLineParser(prog="fusion-passes bench compile-time", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", default="gpt-oss", choices=list(MODELS), help="built-in model")
+    parser.add_argument("--layers", type=at_least(1), default=4, help="decoder layers")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="fresh processes per backend (the median is shown)")
     parser.add_argument("--json", default=None, help="also write the raw times here")
     parser.add_argument(
         "--progress",
@@ -70,6 +75,9 @@ def main(argv: list[str]) -> int:
         help=f"a bar on stderr (default: when stderr is a terminal, or ${progress.ENV}=1)",
     )
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench compile-time: --device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
 
     times = {"inductor": [], "fusion_passes": []}
     in_passes = []
