@@ -49,9 +49,16 @@ TINY = dict(
     topk_group=1,
     sliding_window=16,
 )
-# Multi-head latent attention: every head has its own key and value.
+# Multi-head latent attention: every head has its own key and value; head_dim is the
+# rotary part (as DeepSeek and LongCat-Flash derive it).
 LATENT_ATTENTION = dict(
-    kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    num_key_value_heads=4,
+    head_dim=8,
 )
 GROUPS = dict(n_routed_experts=16, num_local_experts=16, n_group=4, topk_group=2)
 FAMILY_CONFIG = {
@@ -70,6 +77,10 @@ FAMILY_CONFIG = {
     "dots1": dict(GROUPS, n_shared_experts=1),
     "glm4_moe": dict(GROUPS),
     "llama4_text": dict(intermediate_size_mlp=64),
+    # Groups ranked by the sum of their two best probabilities, without a bias. The head
+    # is the whole query/key head, half of it rotary (the default partial_rotary_factor).
+    "mistral4": {**LATENT_ATTENTION, **GROUPS, "head_dim": 16},
+    "mistral_large4_text": {**LATENT_ATTENTION, **GROUPS, "head_dim": 16},
     # Renormalized top-k (softmax -> top-k -> divide by the sum); qwen2_moe and olmoe keep
     # their default, the form without the division.
     "qwen3_moe": dict(norm_topk_prob=True),
@@ -99,6 +110,8 @@ FAMILIES = [
     "llama4_text",
     "longcat_flash",
     "minimax",
+    "mistral4",
+    "mistral_large4_text",
     "mixtral",
     "olmoe",
     "qwen2_moe",
@@ -108,9 +121,7 @@ FAMILIES = [
 NOT_COVERED = {
     "phimoe": "sparsemixer routing (a jittered two-pass top-1 with masks) is not a form topk_routing computes",
     "llama4": "the vision-language model around llama4_text, whose routing that covers",
-    "mistral4": "groups ranked by the sum of their two best probabilities without a bias: the op ranks"
-    " groups by the logits then (the same order only for a group's max)",
-    "mistral_large4": "as mistral4",
+    "mistral_large4": "the vision-language model around mistral_large4_text, whose routing that covers",
 }
 
 
@@ -119,8 +130,6 @@ def tiny_config(name):
     defaults = config_class().to_dict()
     keys = defaults["text_config"] if isinstance(defaults.get("text_config"), dict) else defaults
     values = {**TINY, **FAMILY_CONFIG.get(name, {})}
-    if "qk_rope_head_dim" in keys:  # latent attention: the head dim is the rotary part
-        values["head_dim"] = values.get("qk_rope_head_dim", keys["qk_rope_head_dim"])
     kwargs = {key: value for key, value in values.items() if key in keys}
     if keys.get("layer_types"):
         kwargs["layer_types"] = keys["layer_types"][:LAYERS]

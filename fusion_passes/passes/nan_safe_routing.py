@@ -218,10 +218,6 @@ def match(topk: Node, config: PassConfig) -> RoutingMatch | None:
         # while every kept score is positive: true of probabilities, not of p + bias.
         if scored is not None and groups.fill == 0.0 and scored.bias is not None:
             return None
-        # Without a bias the op ranks groups by the logits, not the probabilities: the same
-        # order for a group's max, not for the sum of its top two (Mistral 4's form).
-        if scored is not None and groups.group_score == "top2_sum" and scored.bias is None:
-            return None
     if scored is not None:
         gathered = _gathered(scored.probs, ids) if values is None else None
         if gathered is not None:
