@@ -123,6 +123,21 @@ __device__ __forceinline__ void add_to(float4& sum, const float4& v) {
   sum.w += v.w;
 }
 
+// Stores up to four consecutive 16-bit outputs, each rounded once by `round` (fp32 -> Elem); a
+// 4-element aligned run as one 8-byte store.
+template <typename Elem, typename Round>
+__device__ __forceinline__ void store_16_bit_outputs(Elem* out, const float (&v)[4], int count, bool whole,
+                                                     Round round) {
+  if (whole) {
+    struct alignas(8) Run {
+      Elem e[4];
+    };
+    *reinterpret_cast<Run*>(out) = Run{{round(v[0]), round(v[1]), round(v[2]), round(v[3])}};
+  } else {
+    for (int j = 0; j < count; ++j) out[j] = round(v[j]);
+  }
+}
+
 // Stores up to four consecutive outputs of one token row, rounding each once.
 __device__ __forceinline__ void store_outputs(const RouterGemmParams& p, int64_t offset, const float (&v)[4],
                                               int count) {
@@ -137,34 +152,14 @@ __device__ __forceinline__ void store_outputs(const RouterGemmParams& p, int64_t
       }
       break;
     }
-    case OutKind::kBFloat16: {
-      __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + offset;
-      if (whole) {
-        __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]);
-        __nv_bfloat162 hi = __floats2bfloat162_rn(v[2], v[3]);
-        uint2 packed;
-        packed.x = *reinterpret_cast<uint32_t*>(&lo);
-        packed.y = *reinterpret_cast<uint32_t*>(&hi);
-        *reinterpret_cast<uint2*>(out) = packed;
-      } else {
-        for (int j = 0; j < count; ++j) out[j] = __float2bfloat16_rn(v[j]);
-      }
+    case OutKind::kBFloat16:
+      store_16_bit_outputs(static_cast<__nv_bfloat16*>(p.out) + offset, v, count, whole,
+                           [](float x) { return __float2bfloat16_rn(x); });
       break;
-    }
-    case OutKind::kFloat16: {
-      __half* out = static_cast<__half*>(p.out) + offset;
-      if (whole) {
-        __half2 lo = __floats2half2_rn(v[0], v[1]);
-        __half2 hi = __floats2half2_rn(v[2], v[3]);
-        uint2 packed;
-        packed.x = *reinterpret_cast<uint32_t*>(&lo);
-        packed.y = *reinterpret_cast<uint32_t*>(&hi);
-        *reinterpret_cast<uint2*>(out) = packed;
-      } else {
-        for (int j = 0; j < count; ++j) out[j] = __float2half_rn(v[j]);
-      }
+    case OutKind::kFloat16:
+      store_16_bit_outputs(static_cast<__half*>(p.out) + offset, v, count, whole,
+                           [](float x) { return __float2half_rn(x); });
       break;
-    }
   }
 }
 

@@ -238,7 +238,7 @@ def _inspect(args) -> int:
     try:
         print(dump.describe(args.dir))
         if args.pass_name:
-            print(dump.diff(args.dir, args.pass_name, args.graph))
+            print(dump.diff(args.dir, args.pass_name, args.graph), end="")  # it ends its last line
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     return 0

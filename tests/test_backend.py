@@ -145,6 +145,7 @@ def test_dumps_and_inspect(tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path), "--pass", "router_gemm"]) == 0
     out = capsys.readouterr().out
     assert "+" in out and "fusion_passes.router_gemm" in out and "aten.mm" in out
+    assert out.endswith("\n") and not out.endswith("\n\n")  # no blank line after the diff
     assert cli.main(["inspect", str(tmp_path / "nope")]) == 2
 
 

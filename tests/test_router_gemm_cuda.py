@@ -12,6 +12,7 @@ compute-sanitizer instead (memcheck, racecheck, synccheck).
 
 from __future__ import annotations
 
+import functools
 import random
 import sys
 
@@ -352,6 +353,27 @@ def test_chain_in_graph_under_memory_pressure(neighbours, case, release):
 # ------------------------------------------------------------ concurrency and capture
 
 
+def replay_concurrently(call_lists, replays):
+    """Captures one CUDA graph per list of calls (no arguments), each on its own stream, then
+    replays all of them at the same time on their streams, `replays` times: yields the graphs'
+    outputs (a list of call results per graph) after each round, the streams synchronized."""
+    streams = [torch.cuda.Stream() for _ in call_lists]
+    graphs, outs = [], []
+    for calls, stream in zip(call_lists, streams):
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            outs.append([call() for call in calls])
+        graphs.append(graph)
+    torch.cuda.synchronize()
+    for _ in range(replays):
+        for graph, stream in zip(graphs, streams):
+            with torch.cuda.stream(stream):
+                graph.replay()
+        torch.cuda.synchronize()
+        yield outs
+
+
 def test_concurrent_graphs_on_four_streams():
     """Four graphs of 50 router GEMMs each (different shapes, T and inputs), replayed at the
     same time on four streams, 20 times: concurrent launches share the SMs (and their
@@ -369,20 +391,10 @@ def test_concurrent_graphs_on_four_streams():
             ws.append(w)
         expected = [OPS.router_gemm(x, w, None, None) for x, w in zip(xs, ws)]
         work.append((xs, ws, expected))
-    streams = [torch.cuda.Stream() for _ in shapes]
-    graphs, outs = [], []
-    for (xs, ws, _), stream in zip(work, streams):
-        stream.wait_stream(torch.cuda.current_stream())
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            outs.append([OPS.router_gemm(x, w, None, None) for x, w in zip(xs, ws)])
-        graphs.append(graph)
-    torch.cuda.synchronize()
-    for _ in range(20):
-        for graph, stream in zip(graphs, streams):
-            with torch.cuda.stream(stream):
-                graph.replay()
-        torch.cuda.synchronize()
+    call_lists = [
+        [functools.partial(OPS.router_gemm, x, w, None, None) for x, w in zip(xs, ws)] for xs, ws, _ in work
+    ]
+    for outs in replay_concurrently(call_lists, replays=20):
         for i, (_, _, expected) in enumerate(work):
             for c in range(calls_per_graph):
                 _assert_bitwise(outs[i][c], expected[c], f"shape {shapes[i]} call {c} seed={seed}")

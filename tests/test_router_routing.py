@@ -20,6 +20,8 @@ ROUTINGS = [
     (4, "sigmoid", True, True, 4, 2, "top2_sum"),  # DeepSeek-V3's form, scaled down
     (3, "softmax", True, False, 4, 2, "max"),  # DeepSeek-V2's group-limited greedy
     (2, "sigmoid", False, True, 8, 1, "top2_sum"),  # groups of two experts
+    (4, "softmax", True, False, 4, 2, "top2_sum"),  # groups ranked by probabilities (Mistral 4)
+    (2, "sigmoid", False, False, 8, 2, "top2_sum"),  # the same for sigmoid, groups of two
 ]
 EXPERTS = 16
 

@@ -13,11 +13,20 @@ fused kernel for compute-sanitizer instead (memcheck, racecheck, synccheck)."""
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import pytest
 import torch
-from test_router_gemm_cuda import OPS, _bits, _inputs, _poison_allocator, _seed, chain_mismatches_under_load
+from test_router_gemm_cuda import (
+    OPS,
+    _bits,
+    _inputs,
+    _poison_allocator,
+    _seed,
+    chain_mismatches_under_load,
+    replay_concurrently,
+)
 from test_router_routing import ROUTINGS, bad_inputs
 
 import fusion_passes  # noqa: F401  (registers the ops)
@@ -277,20 +286,10 @@ def test_concurrent_graphs_on_four_streams():
         cases = [make_case(tokens, hidden, experts, routing, torch.bfloat16, s) for s in seeds]
         expected = [OPS.router_routing(x, w, b, *args, None) for x, w, b, args in cases]
         work.append((cases, expected))
-    streams = [torch.cuda.Stream() for _ in work]
-    graphs, outs = [], []
-    for (cases, _), stream in zip(work, streams):
-        stream.wait_stream(torch.cuda.current_stream())
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            outs.append([OPS.router_routing(x, w, b, *args, None) for x, w, b, args in cases])
-        graphs.append(graph)
-    torch.cuda.synchronize()
-    for _ in range(20):
-        for graph, stream in zip(graphs, streams):
-            with torch.cuda.stream(stream):
-                graph.replay()
-        torch.cuda.synchronize()
+    call_lists = [
+        [functools.partial(OPS.router_routing, x, w, b, *args, None) for x, w, b, args in cases] for cases, _ in work
+    ]
+    for outs in replay_concurrently(call_lists, replays=20):
         for i, (_, expected) in enumerate(work):
             for c in range(calls_per_graph):
                 assert_same(outs[i][c], expected[c], f"shape {MODEL_CASES[i][:2]} call {c} seed={seed}")

@@ -113,14 +113,14 @@ def make_logits(num_tokens: int, num_experts: int, dtype: torch.dtype, gen: torc
 
 
 def make_bias(kind: str | None, num_experts: int, gen: torch.Generator) -> torch.Tensor | None:
-    """None, or a per-expert bias the size of typical probabilities, half the time on a
-    coarse grid so that experts tie."""
+    """None, or a per-expert bias on the GPU the size of typical probabilities, half the time
+    on a coarse grid so that experts tie."""
     if kind is None:
         return None
     bias = torch.randn(num_experts, generator=gen) * 0.05
     if torch.rand((), generator=gen) < 0.5:
         bias = torch.round(bias * 64) / 64
-    return bias.to(getattr(torch, kind))
+    return bias.to(getattr(torch, kind)).cuda()
 
 
 def reference_probs(logits: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -230,6 +230,15 @@ def run_op(logits, k, scoring, renormalize, bias, groups=UNGROUPED):
     return torch.ops.fusion_passes.topk_routing(logits, k, scoring, renormalize, bias, *groups)
 
 
+def check_with_fresh_bias(logits, k, scoring, renormalize, bias_kind, groups, gen, seed):
+    """The op on these GPU logits, with a fresh bias of bias_kind, against the reference."""
+    num_tokens, num_experts = logits.shape
+    bias = make_bias(bias_kind, num_experts, gen)
+    weights, ids = run_op(logits, k, scoring, renormalize, bias, groups)
+    msg = f"[seed={seed} T={num_tokens} E={num_experts} k={k} {logits.dtype} {scoring} renorm={renormalize} bias={bias_kind} groups={groups}]"
+    assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids, msg, groups)
+
+
 @pytest.fixture(scope="module")
 def kernel():
     assert kernels.load(), f"CUDA kernels did not build/load: {kernels.load_error()}"
@@ -256,11 +265,7 @@ def test_matches_reference(kernel, num_experts, grouping):
                         num_tokens = SWEEP_TOKEN_COUNTS[(case + num_experts) % len(SWEEP_TOKEN_COUNTS)]
                         case += 1
                         logits = make_logits(num_tokens, num_experts, dtype, gen).cuda()
-                        bias = make_bias(bias_kind, num_experts, gen)
-                        bias = None if bias is None else bias.cuda()
-                        weights, ids = run_op(logits, k, scoring, renormalize, bias, groups)
-                        msg = f"[seed={seed} T={num_tokens} E={num_experts} k={k} {dtype} {scoring} renorm={renormalize} bias={bias_kind} groups={groups}]"
-                        assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids, msg, groups)
+                        check_with_fresh_bias(logits, k, scoring, renormalize, bias_kind, groups, gen, seed)
 
 
 @pytest.mark.cuda
@@ -275,11 +280,7 @@ def test_token_counts(kernel, num_tokens, grouping):
         groups = group_args(grouping, num_experts, k)
         for dtype in LOGIT_DTYPES:
             logits = make_logits(num_tokens, num_experts, dtype, gen).cuda()
-            bias = make_bias(bias_kind, num_experts, gen)
-            bias = None if bias is None else bias.cuda()
-            weights, ids = run_op(logits, k, scoring, True, bias, groups)
-            msg = f"[seed={seed} T={num_tokens} E={num_experts} k={k} {dtype} {scoring} groups={groups}]"
-            assert_matches_reference(logits, k, scoring, True, bias, weights, ids, msg, groups)
+            check_with_fresh_bias(logits, k, scoring, True, bias_kind, groups, gen, seed)
 
 
 @pytest.mark.cuda
@@ -350,12 +351,7 @@ def test_out_of_scope_falls_back(kernel, num_experts, k, dtype):
             logits = make_logits(70, num_experts, dtype, gen)
             logits[3, 5:9] = float("nan")
             logits[4, 0] = float("inf")
-            logits = logits.cuda()
-            bias = make_bias(bias_kind, num_experts, gen)
-            bias = None if bias is None else bias.cuda()
-            weights, ids = run_op(logits, k, scoring, True, bias)
-            msg = f"[seed={seed} E={num_experts} k={k} {dtype} {scoring} bias={bias_kind}]"
-            assert_matches_reference(logits, k, scoring, True, bias, weights, ids, msg)
+            check_with_fresh_bias(logits.cuda(), k, scoring, True, bias_kind, UNGROUPED, gen, seed)
 
 
 @pytest.mark.cuda
@@ -576,11 +572,7 @@ def test_group_shapes(kernel, num_experts, n_group, topk_group):
         cases = itertools.product(ks, SCORINGS, (True, False), BIAS_KINDS)
         for case, (k, scoring, renormalize, bias_kind) in enumerate(cases):
             groups = (n_group, topk_group, ("top2_sum", "max")[case % 2])
-            bias = make_bias(bias_kind, num_experts, gen)
-            bias = None if bias is None else bias.cuda()
-            weights, ids = run_op(logits, k, scoring, renormalize, bias, groups)
-            msg = f"[seed={seed} E={num_experts} k={k} {dtype} {scoring} renorm={renormalize} bias={bias_kind} groups={groups}]"
-            assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids, msg, groups)
+            check_with_fresh_bias(logits, k, scoring, renormalize, bias_kind, groups, gen, seed)
 
 
 # ------------------------------------------------------------ group terms of probabilities
@@ -690,11 +682,7 @@ def test_smoke_every_kernel_variant(kernel, grouping):
             for logits in (wide[:, :num_experts], wide[:, 1:]):
                 for scoring in SCORINGS:
                     for bias_kind in (None, "float32"):
-                        bias = make_bias(bias_kind, num_experts, gen)
-                        bias = None if bias is None else bias.cuda()
-                        weights, ids = run_op(logits, k, scoring, True, bias, groups)
-                        msg = f"[seed={seed} E={num_experts} {dtype} {scoring} bias={bias_kind} groups={groups}]"
-                        assert_matches_reference(logits, k, scoring, True, bias, weights, ids, msg, groups)
+                        check_with_fresh_bias(logits, k, scoring, True, bias_kind, groups, gen, seed)
 
 
 # ----------------------------------------------------------------------------- property based
