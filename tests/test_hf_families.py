@@ -84,6 +84,13 @@ FAMILY_CONFIG = {
     # Renormalized top-k (softmax -> top-k -> divide by the sum); qwen2_moe and olmoe keep
     # their default, the form without the division.
     "qwen3_moe": dict(norm_topk_prob=True),
+    # Step 3.5 / 3.7, a vision-language model: its text model has no auto class of its own.
+    "step3p7": dict(
+        mlp_layer_types=["sparse"] * LAYERS,
+        share_expert_dim=32,
+        num_sliding_attention_heads=4,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+    ),
     # A decoder layer of LongCat-Flash holds two attention blocks and one MoE; two of its
     # 8 + 2 experts are zero-computation experts (the identity).
     "longcat_flash": dict(
@@ -117,10 +124,13 @@ FAMILIES = [
     "qwen2_moe",
     "qwen3_moe",
     "qwen3_next",
+    "step3p7",
 ]
 NOT_COVERED = {
     "phimoe": "sparsemixer routing (a jittered two-pass top-1 with masks) is not a form topk_routing computes",
     "llama4": "the vision-language model around llama4_text, whose routing that covers",
+    "deepseek_v4": "hash layers take the ids from a token-id table (no top-k); the top-k layers score with"
+    " sqrt(softplus(x)), neither softmax nor sigmoid",
     "mistral_large4": "the vision-language model around mistral_large4_text, whose routing that covers",
 }
 
@@ -135,7 +145,9 @@ def tiny_config(name):
         kwargs["layer_types"] = keys["layer_types"][:LAYERS]
     if keys is defaults:
         return config_class(**kwargs)
-    return config_class(text_config=kwargs)
+    # A vision-language model: its own keys (a tiny vision_config) beside the text model's.
+    outer = {key: value for key, value in FAMILY_CONFIG.get(name, {}).items() if key in defaults}
+    return config_class(text_config=kwargs, **outer)
 
 
 def model_class(config):
