@@ -576,8 +576,13 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
   // logit without a bias), or for top2_sum without a bias the probability that ranks groups.
   const auto group_term = [&](uint32_t key) {
     const float score = key_to_logit<F, kHalfKeys>(key);  // with a bias: key_to_float, p + bias
-    if (kHasBias || s.group_max) return score;
-    return kSigmoid ? sigmoid_like_torch(score) : softmax_group_term(score, row_max);
+    if constexpr (kHasBias) {
+      return score;
+    } else if constexpr (kSigmoid) {
+      return s.group_max ? score : sigmoid_like_torch(score);
+    } else {
+      return s.group_max ? score : softmax_group_term(score, row_max);
+    }
   };
   const bool best_only = s.group_max || s.group_size == 1;
 
