@@ -2,10 +2,15 @@
 a tiny random config (nothing is downloaded): router_gemm = nan_safe_routing = the
 number of MoE layers, and the compiled model computes what eager does.
 
-FAMILIES are the families this suite covers; a family missing from the installed
-transformers is skipped. NOT_COVERED names the MoE families found in transformers'
-registry that are not covered, with the reason (docs/passes/nan_safe_routing.md).
+FAMILIES are the families this suite covers, each with its own routing code; a family
+missing from the installed transformers is skipped. SAME_FORM_FAMILIES route with a form
+that FAMILIES already cover; they are built only with FUSION_PASSES_ALL_FAMILIES=1 (a few
+seconds each), so that the default suite stays short. NOT_COVERED names the MoE families
+found in transformers' registry that are not covered, with the reason
+(docs/passes/nan_safe_routing.md).
 """
+
+import os
 
 import pytest
 import torch
@@ -45,6 +50,13 @@ TINY = dict(
     decoder_sparse_step=1,
     moe_layer_freq=1,
     mlp_only_layers=[],
+    mlp_layer_types=["sparse"] * LAYERS,
+    num_dense_layers=0,
+    num_experts_per_token=2,
+    num_expert_group=1,
+    index_n_heads=2,
+    index_head_dim=16,
+    pad_token_id=0,
     n_group=1,
     topk_group=1,
     sliding_window=16,
@@ -76,6 +88,16 @@ FAMILY_CONFIG = {
     ),
     "dots1": dict(GROUPS, n_shared_experts=1),
     "glm4_moe": dict(GROUPS),
+    "glm4_moe_lite": dict(LATENT_ATTENTION),
+    "deepseek_v32": dict(LATENT_ATTENTION),
+    "glm_moe_dsa": dict(LATENT_ATTENTION),
+    "hy_v4": dict(LATENT_ATTENTION),
+    "sarvam_mla": dict(LATENT_ATTENTION),
+    "jamba": dict(expert_layer_period=1, expert_layer_offset=0),
+    "lfm2_moe": dict(layer_types=["full_attention"] * LAYERS),
+    "zaya": dict(num_experts_per_tok=1, top_k=1),  # it supports top-1 only
+    "glm5_next_text": dict(num_key_value_heads=4),
+    "ernie4_5_vl_moe_text": dict(moe_intermediate_size=[32, 32]),
     "llama4_text": dict(intermediate_size_mlp=64),
     # Groups ranked by the sum of their two best probabilities, without a bias. The head
     # is the whole query/key head, half of it rotary (the default partial_rotary_factor).
@@ -86,7 +108,6 @@ FAMILY_CONFIG = {
     "qwen3_moe": dict(norm_topk_prob=True),
     # Step 3.5 / 3.7, a vision-language model: its text model has no auto class of its own.
     "step3p7": dict(
-        mlp_layer_types=["sparse"] * LAYERS,
         share_expert_dim=32,
         num_sliding_attention_heads=4,
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
@@ -126,12 +147,72 @@ FAMILIES = [
     "qwen3_next",
     "step3p7",
 ]
+SAME_FORM_FAMILIES = [
+    "afmoe",
+    "aria_text",
+    "bailing_hybrid",
+    "beam",
+    "cohere2_moe",
+    "deepseek_v32",
+    "ergo",
+    "flex_olmo",
+    "flint",
+    "glm4_moe_lite",
+    "glm_moe_dsa",
+    "granitemoe_swa",
+    "granitemoehybrid",
+    "granitemoeshared",
+    "hy_v3",
+    "hy_v4",
+    "jamba",
+    "kimi_linear",
+    "laguna",
+    "lara_mini",
+    "lfm2_moe",
+    "mellum",
+    "mimo_v2_flash",
+    "minicpm5_moe",
+    "minimax_m2",
+    "minimax_m3_vl_text",
+    "nemotron_h",
+    "openai_privacy_filter",
+    "param2moe",
+    "qwen3_5_moe_text",
+    "qwen3_vl_moe_text",
+    "qwen4_exp_text",
+    "sarvam_mla",
+    "sarvam_moe",
+    "solar_open",
+]
+ALL_FAMILIES = os.environ.get("FUSION_PASSES_ALL_FAMILIES") == "1"
 NOT_COVERED = {
     "phimoe": "sparsemixer routing (a jittered two-pass top-1 with masks) is not a form topk_routing computes",
     "llama4": "the vision-language model around llama4_text, whose routing that covers",
     "deepseek_v4": "hash layers take the ids from a token-id table (no top-k); the top-k layers score with"
     " sqrt(softplus(x)), neither softmax nor sigmoid",
     "mistral_large4": "the vision-language model around mistral_large4_text, whose routing that covers",
+    "doge": "product-key retrieval experts: two top-ks over sqrt(E) keys and a top-k of their sums",
+    "kolibri1": "experts chosen by logits + bias (the op chooses by p + bias: sigmoid(x) + b ranks otherwise)",
+    "inkling_text": "weights normalized over the chosen and the shared experts' sigmoids together",
+    "zaya": "top-k over a 3-D [batch, seq, E] tensor: not matched yet (the pass matches [T, E] routing)",
+    # Not built by this test yet (test limitations, not routing forms):
+    "glm5_next_text": "not built: its tiny config is still above MAX_PARAMETERS",
+    "gemma4_text": "not built: its tiny config is still above MAX_PARAMETERS",
+    "inkling2_text": "not built: its tiny config is still above MAX_PARAMETERS",
+    "inkling2_loop_text": "not built: its tiny config is still above MAX_PARAMETERS",
+    "muse_spark_text": "not built: its tiny config is still above MAX_PARAMETERS",
+    "hy_v4_vl_text": "not built: its tiny config is still above MAX_PARAMETERS",
+    "switch_transformers": "not built: an encoder-decoder, its tiny config is still above MAX_PARAMETERS",
+    "glm4v_moe_text": "not built: its multimodal rotary embedding needs sizes this test does not set",
+    "axk1": "not built: its rotary embedding needs sizes this test does not set",
+    "axk2": "not built: its rotary embedding needs sizes this test does not set",
+    "kolibri1_1": "not built: its config validation rejects the tiny values",
+    "dots3_note_text": "not built: its config validation rejects the tiny values",
+    "ernie4_5_vl_moe_text": "not built: a text model without an auto class (its vision-language model is not built)",
+    "qwen3_omni_moe_text": "not built: a text model without an auto class",
+    "deepseek_ocr2_text": "not built: a text model without an auto class",
+    "unlimited_ocr_text": "not built: a text model without an auto class",
+    "diffusion_gemma_text": "not built: a text model without an auto class",
 }
 
 
@@ -141,7 +222,7 @@ def tiny_config(name):
     keys = defaults["text_config"] if isinstance(defaults.get("text_config"), dict) else defaults
     values = {**TINY, **FAMILY_CONFIG.get(name, {})}
     kwargs = {key: value for key, value in values.items() if key in keys}
-    if keys.get("layer_types"):
+    if keys.get("layer_types") and "layer_types" not in kwargs:
         kwargs["layer_types"] = keys["layer_types"][:LAYERS]
     if keys is defaults:
         return config_class(**kwargs)
@@ -185,7 +266,14 @@ class Logits(torch.nn.Module):
         return out.logits if "logits" in out else out.last_hidden_state
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize(
+    "name",
+    FAMILIES
+    + [
+        pytest.param(name, marks=pytest.mark.skipif(not ALL_FAMILIES, reason="FUSION_PASSES_ALL_FAMILIES=1 builds it"))
+        for name in SAME_FORM_FAMILIES
+    ],
+)
 def test_family_matches_once_per_moe_layer_and_agrees_with_eager(name):
     if name not in CONFIG_MAPPING:
         pytest.skip(f"transformers {transformers.__version__} has no {name}")
