@@ -210,7 +210,9 @@ def assert_matches_reference(logits, k, scoring, renormalize, bias, weights, ids
         scores = group_scores(keys, n_group, group_score).double()
         ranked = scores.sort(dim=-1, descending=True).values
         cut = ranked[:, topk_group - 1 : topk_group]
-        slack = 2 * (SCORE_RTOL * cut.abs() + SCORE_ATOL)
+        # An infinite cut (two experts at +-FLT_MAX overflow a top-2 sum) is exact: no slack,
+        # which would make it NaN.
+        slack = torch.where(torch.isfinite(cut), 2 * (SCORE_RTOL * cut.abs() + SCORE_ATOL), 0.0)
         if topk_group < n_group:
             rows = ~((ranked[:, topk_group : topk_group + 1] >= cut - slack).squeeze(1) & torch.isfinite(cut).squeeze(1))
         id_groups = ids // (logits.shape[1] // n_group)
