@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion_passes.bench import allreduce_rmsnorm, routing
+from fusion_passes.bench import allreduce_rmsnorm, e2e, routing
 
 pytest.importorskip("matplotlib")
 DATA = Path(__file__).resolve().parent.parent / "docs" / "data"
@@ -17,6 +17,7 @@ DATA = Path(__file__).resolve().parent.parent / "docs" / "data"
     [
         (routing, "routing_h100_2026-11-23.json", "routing.png"),
         (allreduce_rmsnorm, "allreduce_rmsnorm_2xh200_2026-11-23.json", "allreduce_rmsnorm.png"),
+        (e2e, "e2e_h100_2026-12-07_pdl_off.json", "e2e.png"),
     ],
 )
 def test_replot_redraws_the_docs_image_from_recorded_results(tmp_path, capsys, bench, results, image):

@@ -230,7 +230,9 @@ def main(argv: list[str]) -> int:
         "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test of this script on tiny shapes"
     )
     parser.add_argument("--out", default=None, help="write results.json and e2e.png here")
-    parser.add_argument("--replot", default=None, help="only redraw e2e.png from DIR/results.json")
+    parser.add_argument(
+        "--replot", default=None, metavar="JSON", help="only redraw e2e.png (in --out) from a recorded results.json"
+    )
     parser.add_argument(
         "--inductor-pdl",
         action="store_true",
@@ -238,7 +240,10 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     if args.replot:
-        plot(json.loads((Path(args.replot) / "results.json").read_text()), Path(args.replot) / "e2e.png")
+        out = Path(args.out) if args.out else Path(args.replot).parent
+        out.mkdir(parents=True, exist_ok=True)
+        plot(json.loads(Path(args.replot).read_text()), out / "e2e.png")
+        print(f"wrote {out / 'e2e.png'}")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench e2e: needs a CUDA GPU (--device cpu: a smoke test of the script, not a measurement)", file=sys.stderr)
@@ -280,13 +285,15 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (steps, routers) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (steps, routers) = plt.subplots(1, 2, figsize=(11, 5.6))
+    all_tokens = sorted({row["T"] for row in results["rows"]})
     for model_id in dict.fromkeys(row["model"] for row in results["rows"]):
         rows = [row for row in results["rows"] if row["model"] == model_id]
-        model = model_id.removeprefix("bench-").removeprefix("smoke-")  # the names --models takes
+        layers = rows[0]["layers"]
+        model = f"{model_id.removeprefix('bench-').removeprefix('smoke-')} ({layers} layer{'s' * (layers != 1)})"
         tokens = [row["T"] for row in rows]
-        steps.plot(tokens, [row["step_speedup"] for row in rows], marker="o", label=model)
-        line = routers.plot(tokens, [row["router_routing_speedup"] for row in rows], marker="o", label=f"{model}, chain")
+        line = steps.plot(tokens, [row["step_speedup"] for row in rows], marker="o", label=model)
+        routers.plot(tokens, [row["router_routing_speedup"] for row in rows], marker="o", color=line[0].get_color())
         if all("router_routing_kernel_speedup" in row for row in rows):
             routers.plot(
                 tokens,
@@ -294,16 +301,20 @@ def plot(results: dict, path: Path) -> None:
                 marker="s",
                 linestyle="--",
                 color=line[0].get_color(),
-                label=f"{model}, profiler kernel time",
             )
-    for ax, title in ((steps, "whole decode step"), (routers, "router + routing of a layer")):
+    for ax, title in (
+        (steps, "whole decode step"),
+        (routers, "router + routing of a layer\n(solid: wall time of the chain; dashed: profiler kernel time)"),
+    ):
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(all_tokens, [str(t) for t in all_tokens])
+        ax.minorticks_off()
         ax.set_xlabel("tokens T")
         ax.set_ylabel("speedup over stock Inductor")
         ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.grid(True, alpha=0.3)
+    fig.legend(*steps.get_legend_handles_labels(), loc="lower center", ncol=4, frameon=False)
     meta = results["meta"]
     pdl = ", Inductor PDL on" if meta.get("inductor_pdl") else ""
     replays = f"{meta['replays']} " if "replays" in meta else ""  # older results did not record it
@@ -311,5 +322,5 @@ def plot(results: dict, path: Path) -> None:
         f"fusion_passes vs stock Inductor on {meta['device']} (torch {meta['torch']}{pdl})\n"
         f"bf16 decode, median of {replays}CUDA-graph replays; above 1 = faster"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
