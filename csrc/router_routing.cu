@@ -80,8 +80,8 @@ __device__ unsigned int g_arrivals[kCounters];  // zero at module load; every la
 
 enum class Path : int { kAuto = 0, kFused = 1, kTwoKernels = 2 };
 std::atomic<int64_t> g_max_tokens{-1};  // -1: one wave (see fused_max_tokens)
-// Two kernels by default until the fused kernel has run its CUDA tests and its measurements on
-// a GPU (it was written and compiled, never run: docs/notes/router_gemm.md, v12).
+// Two kernels by default: measured on an H100, the fused kernel is no faster at T <= 16 and
+// slower above (docs/notes/router_gemm.md, v12; docs/benchmarks.md, 2026-12-07 13:06).
 std::atomic<int> g_path{static_cast<int>(Path::kTwoKernels)};
 std::atomic<uint32_t> g_next_counter{0};
 
