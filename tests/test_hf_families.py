@@ -97,7 +97,9 @@ FAMILY_CONFIG = {
     "lfm2_moe": dict(layer_types=["full_attention"] * LAYERS),
     "aria_text": "its expert GEMM calls .item(): torch 2.11 cannot resume inside that nested frame, so the"
     " router linear and the routing compile as separate graphs (router_gemm 0 there; torch 2.13 matches)",
-    "zaya": dict(num_experts_per_tok=1, top_k=1),  # it supports top-1 only
+    # Top-1 (all it supports) of softmax + bias over E experts and a skip expert, routed
+    # as a [batch, seq, E + 1] score.
+    "zaya": dict(num_experts_per_tok=1, top_k=1),
     "glm5_next_text": dict(num_key_value_heads=4),
     "ernie4_5_vl_moe_text": dict(moe_intermediate_size=[32, 32]),
     "llama4_text": dict(intermediate_size_mlp=64),
@@ -148,6 +150,7 @@ FAMILIES = [
     "qwen3_moe",
     "qwen3_next",
     "step3p7",
+    "zaya",
 ]
 SAME_FORM_FAMILIES = [
     "afmoe",
@@ -197,7 +200,6 @@ NOT_COVERED = {
     "inkling_text": "weights normalized over the chosen and the shared experts' sigmoids together",
     "aria_text": "its expert GEMM calls .item(): torch 2.11 cannot resume inside that nested frame, so the"
     " router linear and the routing compile as separate graphs (router_gemm 0 there; torch 2.13 matches)",
-    "zaya": "top-k over a 3-D [batch, seq, E] tensor: not matched yet (the pass matches [T, E] routing)",
     # Not built by this test yet (test limitations, not routing forms):
     "glm5_next_text": "not built: its tiny config is still above MAX_PARAMETERS",
     "gemma4_text": "not built: its tiny config is still above MAX_PARAMETERS",

@@ -498,6 +498,38 @@ def test_llama4_look_alikes_do_not_match(change):
         torch.testing.assert_close(out, ref)
 
 
+class BatchSequenceRouter(torch.nn.Module):
+    """Routing of a [batch, seq, E] score, the top-k over its last dim (ZAYA's form)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.gate = torch.nn.Linear(H, E, bias=False)
+        self.register_buffer("correction", torch.randn(E) * 0.1)
+        self.form = form
+
+    def forward(self, x):
+        p = torch.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        if self.form == "softmax_topk":
+            w, ids = torch.topk(p, 2, dim=-1)
+            return w / w.sum(dim=-1, keepdim=True), ids
+        ids = torch.topk(p + self.correction, 2, dim=-1)[1]  # softmax + bias
+        return torch.gather(p, dim=2, index=ids), ids
+
+
+@pytest.mark.parametrize("form", ["softmax_topk", "softmax_bias"])
+def test_routing_of_a_batch_sequence_score_matches_through_reshapes(form):
+    """The op routes [rows, E]: the score is reshaped to rows and its outputs back to
+    [batch, seq, k] (the batch size symbolic here)."""
+    torch.manual_seed(0)
+    counts, (w, ids), (w_ref, ids_ref), graphs = run(BatchSequenceRouter(form), torch.randn(3, 5, H))
+    assert counts["nan_safe_routing"] == 1
+    (call,) = [n for g in graphs for n in g.nodes if n.target is ops.topk_routing]
+    assert call.args[0].meta["val"].dim() == 2 and call.args[3] is (form == "softmax_topk")
+    assert w.shape == ids.shape == (3, 5, 2)
+    torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
+    torch.testing.assert_close(w, w_ref)
+
+
 class GroupLimitedLookAlike(torch.nn.Module):
     """DeepSeek-V3's group-limited routing with one step changed so that the op no
     longer computes it."""

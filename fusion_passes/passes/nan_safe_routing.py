@@ -48,12 +48,13 @@ NaN weights, which crashes the MoE kernels downstream. ``topk_routing`` is one
 kernel that always returns k distinct ids and finite weights (ops.py has the exact
 NaN policy). On finite inputs it computes what the original subgraph computes.
 
-Guard: top-k along the last dim of a 2-D tensor, largest, over at most
+Guard: top-k along the last dim of a 2-D tensor (or, for the ungrouped forms, of an N-D
+one, routed as [rows, E] through reshapes: ZAYA), largest, over at most
 ``PassConfig.max_experts`` columns (a sampler's top-k over a vocabulary is not
 routing), whose score comes from softmax or sigmoid, or whose values feed a softmax
-and nothing else, or a scatter into a [T, E] tensor of -inf whose only use is a sigmoid
-(Llama 4: the values and that tensor feed nothing else). The values that the original graph exposes must be exactly what
-the op returns (raw probabilities, or renormalized ones); otherwise no match.
+and nothing else, or feed only a scatter into a [T, E] tensor of -inf whose only use
+is a sigmoid (Llama 4). The values that the original graph exposes must be exactly
+what the op returns (raw probabilities, or renormalized ones); otherwise no match.
 A renormalization ``w / (w.sum() + eps)`` (or ``clamp(min=eps)``) matches when eps is at
 most 1e-6, where it only differs from the op's zero-sum guard below fp32 rounding. The
 group-limited form is recognised by ``_group_limited`` (its docstring says how); a
@@ -110,6 +111,9 @@ class RoutingMatch:
     ids: Node | None  # topk's ids getitem (None: unused)
     groups: GroupLimited | None = None
     dense: DenseScores | None = None
+    # For a top-k over the last dim of an N-D score (N > 2): the leading sizes that the op's
+    # [rows, k] outputs are reshaped back to (-1 for the one symbolic size). None: 2-D.
+    leading: list[int] | None = None
 
     def group_args(self) -> tuple:
         if self.groups is None or self.groups.n_group == 1:
@@ -185,29 +189,46 @@ def _renormalization(values: Node) -> tuple[Node, bool] | None:
     return division, True
 
 
-def _gathered(probs: Node, ids: Node | None) -> Node | None:
+def _gathered(probs: Node, ids: Node | None, ndim: int) -> Node | None:
     """The one ``probs.gather(-1, ids)``: the weights of a selection by another score."""
     if ids is None:
         return None
     gathers = [
-        u for u in ids.users if is_call(u, aten.gather.default) and u.args[0] is probs and is_last_dim(u.args[1], 2)
+        u for u in ids.users if is_call(u, aten.gather.default) and u.args[0] is probs and is_last_dim(u.args[1], ndim)
     ]
     return gathers[0] if len(gathers) == 1 else None
+
+
+def _leading_sizes(score_value) -> list[int] | None:
+    """The leading sizes of an N-D score as a reshape takes them (-1 for a symbolic one),
+    or None when more than one is symbolic (no reshape could restore them)."""
+    sizes = [size if isinstance(size, int) else -1 for size in score_value.shape[:-1]]
+    return sizes if sizes.count(-1) <= 1 else None
 
 
 def match(topk: Node, config: PassConfig) -> RoutingMatch | None:
     score = topk.args[0]
     score_value = fake(score)
-    if score_value is None or score_value.dim() != 2 or not score_value.dtype.is_floating_point:
+    if score_value is None or score_value.dim() < 2 or not score_value.dtype.is_floating_point:
         return None
-    num_experts = score_value.shape[-1]
+    ndim, num_experts = score_value.dim(), score_value.shape[-1]
     k = topk.args[1]
     if not isinstance(num_experts, int) or num_experts > config.max_experts or not isinstance(k, int):
         return None
-    if not is_last_dim(arg(topk, 2, "dim", -1), 2) or not arg(topk, 3, "largest", True):
+    if not is_last_dim(arg(topk, 2, "dim", -1), ndim) or not arg(topk, 3, "largest", True):
         return None
     outputs = getitem_users(topk)
     values, ids = outputs.get(0), outputs.get(1)
+    if ndim > 2:  # routing of a [batch, seq, E] score (ZAYA): the ungrouped forms
+        leading = _leading_sizes(score_value)
+        scored = _scoring_of(score) if leading is not None else None
+        found = _weights_of(scored, values, ids, ndim) if scored is not None else None
+        if found is None:
+            return None
+        weights, renormalize = found
+        return RoutingMatch(
+            topk, scored.logits, k, scored.scoring, renormalize, scored.bias, weights, ids, leading=leading
+        )
 
     groups = None
     scored = _scoring_of(score)
@@ -219,15 +240,7 @@ def match(topk: Node, config: PassConfig) -> RoutingMatch | None:
         if scored is not None and groups.fill == 0.0 and scored.bias is not None:
             return None
     if scored is not None:
-        gathered = _gathered(scored.probs, ids) if values is None else None
-        if gathered is not None:
-            found = _renormalization(gathered)  # selected by one score, weighted by probs
-        elif scored.bias is not None:
-            return None  # the values are p + bias, not weights
-        elif values is None:
-            found = None, False
-        else:
-            found = _renormalization(values)
+        found = _weights_of(scored, values, ids, ndim)
         if found is None:
             return None
         weights, renormalize = found
@@ -243,6 +256,18 @@ def match(topk: Node, config: PassConfig) -> RoutingMatch | None:
     if softmax is None:
         return None
     return RoutingMatch(topk, score, k, "softmax", True, None, _through_downcast(softmax), ids)
+
+
+def _weights_of(scored: Scored, values: Node | None, ids: Node | None, ndim: int) -> tuple[Node | None, bool] | None:
+    """(the node whose value the op's weights replace, renormalize) for a top-k of ``scored``."""
+    gathered = _gathered(scored.probs, ids, ndim) if values is None else None
+    if gathered is not None:
+        return _renormalization(gathered)  # selected by one score, weighted by probs
+    if scored.bias is not None:
+        return None  # the values are p + bias, not weights
+    if values is None:
+        return None, False
+    return _renormalization(values)
 
 
 def _scattered_sigmoid(logits: Node, values: Node, ids: Node | None) -> DenseScores | None:
@@ -310,12 +335,19 @@ def replace(graph: Graph, found: RoutingMatch) -> None:
     if found.dense is not None:
         replaced |= upstream(found.dense.sigmoid, inputs)
     with graph.inserting_before(after_inputs(graph, inputs)):
+        logits = found.logits
+        if found.leading is not None:  # the op routes [rows, E]
+            logits = insert_call(graph, aten.reshape.default, (logits, [-1, fake(logits).shape[-1]]), origin=found.topk)
         weights, ids = insert_multi_output(
             graph,
             ops.topk_routing,
-            (found.logits, found.k, found.scoring, found.renormalize, found.correction_bias, *found.group_args()),
+            (logits, found.k, found.scoring, found.renormalize, found.correction_bias, *found.group_args()),
             origin=found.topk,
         )
+        if found.leading is not None:
+            shape = [*found.leading, found.k]
+            weights = insert_call(graph, aten.reshape.default, (weights, shape), origin=found.topk)
+            ids = insert_call(graph, aten.reshape.default, (ids, shape), origin=found.topk)
         if found.weights is not None:
             replace_with(graph, found.weights, weights)
         if found.ids is not None:
