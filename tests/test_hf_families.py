@@ -95,13 +95,9 @@ FAMILY_CONFIG = {
     "sarvam_mla": dict(LATENT_ATTENTION),
     "jamba": dict(expert_layer_period=1, expert_layer_offset=0),
     "lfm2_moe": dict(layer_types=["full_attention"] * LAYERS),
-    "aria_text": "its expert GEMM calls .item(): torch 2.11 cannot resume inside that nested frame, so the"
-    " router linear and the routing compile as separate graphs (router_gemm 0 there; torch 2.13 matches)",
     # Top-1 (all it supports) of softmax + bias over E experts and a skip expert, routed
     # as a [batch, seq, E + 1] score.
     "zaya": dict(num_experts_per_tok=1, top_k=1),
-    "glm5_next_text": dict(num_key_value_heads=4),
-    "ernie4_5_vl_moe_text": dict(moe_intermediate_size=[32, 32]),
     "llama4_text": dict(intermediate_size_mlp=64),
     # Groups ranked by the sum of their two best probabilities, without a bias. The head
     # is the whole query/key head, half of it rotary (the default partial_rotary_factor).
