@@ -508,7 +508,11 @@ class BatchSequenceRouter(torch.nn.Module):
         self.form = form
 
     def forward(self, x):
-        p = torch.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        logits = self.gate(x)
+        if self.form == "topk_softmax":
+            v, ids = torch.topk(logits, 2, dim=-1)
+            return torch.softmax(v, dim=-1), ids
+        p = torch.softmax(logits, dim=-1, dtype=torch.float)
         if self.form == "softmax_topk":
             w, ids = torch.topk(p, 2, dim=-1)
             return w / w.sum(dim=-1, keepdim=True), ids
@@ -516,7 +520,7 @@ class BatchSequenceRouter(torch.nn.Module):
         return torch.gather(p, dim=2, index=ids), ids
 
 
-@pytest.mark.parametrize("form", ["softmax_topk", "softmax_bias"])
+@pytest.mark.parametrize("form", ["softmax_topk", "softmax_bias", "topk_softmax"])
 def test_routing_of_a_batch_sequence_score_matches_through_reshapes(form):
     """The op routes [rows, E]: the score is reshaped to rows and its outputs back to
     [batch, seq, k] (the batch size symbolic here)."""
@@ -524,7 +528,7 @@ def test_routing_of_a_batch_sequence_score_matches_through_reshapes(form):
     counts, (w, ids), (w_ref, ids_ref), graphs = run(BatchSequenceRouter(form), torch.randn(3, 5, H))
     assert counts["nan_safe_routing"] == 1
     (call,) = [n for g in graphs for n in g.nodes if n.target is ops.topk_routing]
-    assert call.args[0].meta["val"].dim() == 2 and call.args[3] is (form == "softmax_topk")
+    assert call.args[0].meta["val"].dim() == 2 and call.args[3] is (form != "softmax_bias")
     assert w.shape == ids.shape == (3, 5, 2)
     torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
     torch.testing.assert_close(w, w_ref)

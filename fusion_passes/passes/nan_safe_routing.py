@@ -48,8 +48,8 @@ NaN weights, which crashes the MoE kernels downstream. ``topk_routing`` is one
 kernel that always returns k distinct ids and finite weights (ops.py has the exact
 NaN policy). On finite inputs it computes what the original subgraph computes.
 
-Guard: top-k along the last dim of a 2-D tensor (or, for the ungrouped forms, of an N-D
-one, routed as [rows, E] through reshapes: ZAYA), largest, over at most
+Guard: top-k along the last dim of a 2-D tensor (or of an N-D one, routed as [rows, E]
+through reshapes, in the forms without groups other than Llama 4's: ZAYA), largest, over at most
 ``PassConfig.max_experts`` columns (a sampler's top-k over a vocabulary is not
 routing), whose score comes from softmax or sigmoid, or whose values feed a softmax
 and nothing else, or feed only a scatter into a [T, E] tensor of -inf whose only use
@@ -219,20 +219,15 @@ def match(topk: Node, config: PassConfig) -> RoutingMatch | None:
         return None
     outputs = getitem_users(topk)
     values, ids = outputs.get(0), outputs.get(1)
-    if ndim > 2:  # routing of a [batch, seq, E] score (ZAYA): the ungrouped forms
+    leading = None
+    if ndim > 2:  # routing of a [batch, seq, E] score (ZAYA): the ungrouped forms, through reshapes
         leading = _leading_sizes(score_value)
-        scored = _scoring_of(score) if leading is not None else None
-        found = _weights_of(scored, values, ids, ndim) if scored is not None else None
-        if found is None:
+        if leading is None:
             return None
-        weights, renormalize = found
-        return RoutingMatch(
-            topk, scored.logits, k, scored.scoring, renormalize, scored.bias, weights, ids, leading=leading
-        )
 
     groups = None
     scored = _scoring_of(score)
-    if scored is None:
+    if scored is None and leading is None:
         groups = group_limited(score)
         scored = _scoring_of(groups.scores) if groups is not None else None
         # Filling dropped groups with 0.0 instead of -inf selects the same experts only
@@ -244,18 +239,20 @@ def match(topk: Node, config: PassConfig) -> RoutingMatch | None:
         if found is None:
             return None
         weights, renormalize = found
-        return RoutingMatch(topk, scored.logits, k, scored.scoring, renormalize, scored.bias, weights, ids, groups)
+        return RoutingMatch(
+            topk, scored.logits, k, scored.scoring, renormalize, scored.bias, weights, ids, groups, leading=leading
+        )
 
     if values is None:
         return None
-    dense = _scattered_sigmoid(score, values, ids)
+    dense = _scattered_sigmoid(score, values, ids) if leading is None else None
     if dense is not None:  # Llama 4: the op's sigmoid weights, without renormalization
         return RoutingMatch(topk, strip_upcast(score), k, "sigmoid", False, None, None, ids, dense=dense)
     # topk -> softmax (gpt-oss): the values feed one softmax and nothing else.
     softmax = _softmax_consuming(values)
     if softmax is None:
         return None
-    return RoutingMatch(topk, score, k, "softmax", True, None, _through_downcast(softmax), ids)
+    return RoutingMatch(topk, score, k, "softmax", True, None, _through_downcast(softmax), ids, leading=leading)
 
 
 def _weights_of(scored: Scored, values: Node | None, ids: Node | None, ndim: int) -> tuple[Node | None, bool] | None:
