@@ -158,8 +158,51 @@ extern "C" __device__ float __nv_expf(float);
 // only where an operand or the result is subnormal. A subnormal x gives expf(-x) = 1 either way
 // (the ex2.approx step is .ftz in both), and a subnormal expf(-x), flushed to 0 or not, gives
 // 1 + it = 1; add.rn and div.rn below keep subnormals like ATen. So the flush never shows.
+//
+// div.rn compiles to a range check and a branch to a slow subroutine, which keeps the compiler
+// from interleaving the sigmoids of a lane's experts (one serial chain each). For a sigmoid's
+// denominator d = 1 + expf(-x) in [1, 2^126) the quotient 1/d is normal and div.rn takes its
+// fast path: reciprocal estimate, one Newton step, one FMA remainder correction, correctly
+// rounded. reciprocal_of_denominator is that path without the branch; d >= 2^126 (x < -87.3:
+// a subnormal or zero result) goes to div.rn. A GPU test checks every fp32 x against
+// torch.sigmoid.
+constexpr float kFastReciprocalLimit = 0x1p126f;
+
+__device__ __forceinline__ float sigmoid_denominator(float x) { return add_keep_subnormal(1.0f, __nv_expf(-x)); }
+
+__device__ __forceinline__ float reciprocal_of_denominator(float d) {
+  float estimate, error, refined, remainder, quotient;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(estimate) : "f"(d));
+  asm("fma.rn.f32 %0, %1, %2, 0f3F800000;" : "=f"(error) : "f"(-d), "f"(estimate));
+  asm("fma.rn.f32 %0, %1, %2, %1;" : "=f"(refined) : "f"(estimate), "f"(error));
+  asm("fma.rn.f32 %0, %1, %2, 0f3F800000;" : "=f"(remainder) : "f"(-d), "f"(refined));
+  asm("fma.rn.f32 %0, %1, %2, %2;" : "=f"(quotient) : "f"(remainder), "f"(refined));
+  return quotient;
+}
+
 __device__ __forceinline__ float sigmoid_like_torch(float x) {
-  return div_keep_subnormal(1.0f, add_keep_subnormal(1.0f, __nv_expf(-x)));
+  const float d = sigmoid_denominator(x);
+  return d < kFastReciprocalLimit ? reciprocal_of_denominator(d) : div_keep_subnormal(1.0f, d);
+}
+
+// sigmoid_like_torch of N values, the common range as N independent branch-free chains, the
+// rare rest (d >= 2^126) fixed up after them. NaN x gives NaN.
+template <int N>
+__device__ __forceinline__ void sigmoids_like_torch(const float (&x)[N], float (&p)[N]) {
+  float d[N];
+  bool any_outside = false;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    d[j] = sigmoid_denominator(x[j]);
+    p[j] = reciprocal_of_denominator(d[j]);
+    any_outside |= d[j] >= kFastReciprocalLimit;
+  }
+  if (any_outside) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (d[j] >= kFastReciprocalLimit) p[j] = div_keep_subnormal(1.0f, d[j]);
+    }
+  }
 }
 
 // Below this t = x - max, a softmax group term counts as 0 (_SOFTMAX_GROUP_TERM_FLOOR in
@@ -515,6 +558,8 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
   float x[VPL];  // clamped logits, NaN in padding slots (only the paths that need them keep them)
 #pragma unroll
   for (int j = 0; j < VPL; ++j) x[j] = clamp_infinity(logit_to_float<F>(raw[j]));
+  float sigmoid_p[VPL];  // sigmoid with a bias: every expert's p (NaN in padding slots)
+  if constexpr (kSigmoid && kHasBias) sigmoids_like_torch<VPL>(x, sigmoid_p);
 
   // With a correction bias the softmax statistics (max and sum of exp(x - max) over the valid
   // logits) come first.
@@ -555,7 +600,7 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
     uint32_t key;
     if constexpr (kHasBias) {
       const bool valid = !is_nan(x[j]);
-      const float prob = valid ? biased_prob(x[j], kSigmoid ? 0.0f : exp_shifted[j]) : 0.0f;
+      const float prob = !valid ? 0.0f : kSigmoid ? sigmoid_p[j] : biased_prob(x[j], exp_shifted[j]);
       key = valid ? biased_key(prob, bias[j]) : kInvalidKey;
       carried[j] = kSigmoid ? prob : x[j];
     } else {

@@ -648,20 +648,24 @@ def every_16_bit_value(dtype: torch.dtype) -> torch.Tensor:
 def test_sigmoid_is_torch_sigmoid_bitwise(kernel, source):
     """p of the kernel (k = E = 32, no renormalization; with no bias and with a zero bias, the
     two paths that compute it) is torch.sigmoid on CUDA of the clamped fp32 logit, bitwise, for
-    every bf16 and fp16 value and 4M fp32 bit patterns (NaN: p = 0)."""
-    gen, seed = fresh_generator()
-    if source == "float32":
-        values = torch.randint(-(2**31), 2**31, (2**22,), dtype=torch.int64, generator=gen).to(torch.int32)
-        values = values.view(torch.float32)
-    else:
-        values = every_16_bit_value(getattr(torch, source))
-    logits = values.reshape(-1, 32).cuda()
-    x = _clamp_infinities(logits)
-    expected = torch.sigmoid(x).masked_fill(torch.isnan(x), 0.0)
-    for bias in (None, torch.zeros(32, device="cuda")):
-        weights, ids = run_op(logits, 32, "sigmoid", False, bias)
-        probs = torch.zeros_like(weights).scatter_(1, ids, weights)
-        assert_bitwise_equal(probs, expected, "p", f"[seed={seed} {source} bias={bias is not None}]")
+    every bf16, fp16 and fp32 value (NaN: p = 0). Every fp32 value: the kernel's division-free
+    reciprocal claims div.rn's bits for every sigmoid denominator in [1, 2^126), and its
+    fallback takes the rest (x < -87.3, subnormal p)."""
+    chunk = 2**26
+    starts = range(-(2**31), 2**31, chunk) if source == "float32" else (None,)
+    for start in starts:
+        if start is None:
+            values = every_16_bit_value(getattr(torch, source)).cuda()
+        else:
+            values = torch.arange(start, start + chunk, dtype=torch.int64, device="cuda").to(torch.int32)
+            values = values.view(torch.float32)
+        logits = values.reshape(-1, 32)
+        x = _clamp_infinities(logits)
+        expected = torch.sigmoid(x).masked_fill(torch.isnan(x), 0.0)
+        for bias in (None, torch.zeros(32, device="cuda")):
+            weights, ids = run_op(logits, 32, "sigmoid", False, bias)
+            probs = torch.zeros_like(weights).scatter_(1, ids, weights)
+            assert_bitwise_equal(probs, expected, "p", f"[{source} from bits {start} bias={bias is not None}]")
 
 
 # ----------------------------------------------------------------------- sanitizer smoke test
