@@ -180,13 +180,8 @@ __device__ __forceinline__ float reciprocal_of_denominator(float d) {
   return quotient;
 }
 
-__device__ __forceinline__ float sigmoid_like_torch(float x) {
-  const float d = sigmoid_denominator(x);
-  return d < kFastReciprocalLimit ? reciprocal_of_denominator(d) : div_keep_subnormal(1.0f, d);
-}
-
-// sigmoid_like_torch of N values, the common range as N independent branch-free chains, the
-// rare rest (d >= 2^126) fixed up after them. NaN x gives NaN.
+// N sigmoids: the common range as N independent branch-free chains, the rare rest
+// (d >= 2^126) fixed up after them. NaN x gives NaN.
 template <int N>
 __device__ __forceinline__ void sigmoids_like_torch(const float (&x)[N], float (&p)[N]) {
   float d[N];
@@ -203,6 +198,13 @@ __device__ __forceinline__ void sigmoids_like_torch(const float (&x)[N], float (
       if (d[j] >= kFastReciprocalLimit) p[j] = div_keep_subnormal(1.0f, d[j]);
     }
   }
+}
+
+__device__ __forceinline__ float sigmoid_like_torch(float x) {
+  const float in[1] = {x};
+  float out[1];
+  sigmoids_like_torch<1>(in, out);
+  return out[0];
 }
 
 // Below this t = x - max, a softmax group term counts as 0 (_SOFTMAX_GROUP_TERM_FLOOR in
@@ -584,10 +586,15 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
       return shifted * inv_exp_sum;
     }
   };
-  // The selection key of an expert with valid logit `logit` on the bias path: p + bias in fp32,
-  // correctly rounded without flushing (inline PTX: never contracted with p's computation).
-  const auto biased_key = [](float prob, float expert_bias) {
-    return score_key(clamp_infinity(add_keep_subnormal(prob, clamp_infinity(expert_bias))));
+  // The selection key of an expert on the bias path: p + bias in fp32, correctly rounded
+  // without flushing (inline PTX: never contracted with p's computation); kInvalidKey for a NaN
+  // logit or bias. p is at most 1 up to rounding (or NaN) and the bias is clamped to +-FLT_MAX,
+  // so the sum cannot overflow: the reference's clamp of it is a no-op here. Computed for every
+  // expert, then selected: with a branch around it, the compiler made each expert's key a
+  // serial region (BSSY/BSYNC) of its own.
+  const auto biased_key = [](float logit, float prob, float expert_bias) {
+    const uint32_t key = score_key(add_keep_subnormal(prob, clamp_infinity(expert_bias)));
+    return is_nan(logit) ? kInvalidKey : key;
   };
 
   // The lane's entries, and what lane r needs of its expert after the rounds: with a bias, p
@@ -599,10 +606,9 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
   for (int j = 0; j < VPL; ++j) {
     uint32_t key;
     if constexpr (kHasBias) {
-      const bool valid = !is_nan(x[j]);
-      const float prob = !valid ? 0.0f : kSigmoid ? sigmoid_p[j] : biased_prob(x[j], exp_shifted[j]);
-      key = valid ? biased_key(prob, bias[j]) : kInvalidKey;
-      carried[j] = kSigmoid ? prob : x[j];
+      const float prob = kSigmoid ? sigmoid_p[j] : biased_prob(x[j], exp_shifted[j]);
+      key = biased_key(x[j], prob, bias[j]);
+      carried[j] = kSigmoid ? (is_nan(x[j]) ? 0.0f : prob) : x[j];
     } else {
       key = kHalfKeys ? half_key<F>(raw[j]) : score_key(x[j]);
     }
@@ -646,8 +652,7 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
         if constexpr (kHasBias) {
           const float logit = clamp_infinity(logit_to_float<F>(bits));
           const float shifted = kSigmoid ? 0.0f : exp_flush_subnormal(logit - row_max);
-          key = is_nan(logit) ? kInvalidKey
-                              : biased_key(biased_prob(logit, shifted), load_bias(s.bias, s.bias_format, e));
+          key = biased_key(logit, biased_prob(logit, shifted), load_bias(s.bias, s.bias_format, e));
         } else {
           key = kHalfKeys ? half_key<F>(bits) : score_key(clamp_infinity(logit_to_float<F>(bits)));
         }
@@ -677,7 +682,7 @@ __device__ __forceinline__ void route_row(const LogitStorage<F>* row, const RowS
       second = max(min(best, other_best), max(second, other_second));
       best = max(best, other_best);
     }
-    const int group = lane / s.lanes_per_group;
+    const int group = lane >> (__ffs(s.lanes_per_group) - 1);  // a power of two: no division
     const uint32_t group_key = group < s.n_group ? group_key_of(best, second, best_only, group_term) : kTakenKey;
     if (!group_is_kept(group_key, group, s.lanes_per_group, s)) {
 #pragma unroll
