@@ -36,6 +36,13 @@ class PassConfig:
     # passes treat as MoE routing; wider top-k (e.g. a sampler over a vocabulary) is
     # left alone.
     max_experts: int = 512
+    # nan_safe_routing also matches routing that ranks probabilities rounded to bf16/fp16
+    # (a softmax or sigmoid computed in the model's dtype: DBRX, Mistral 4, ZAYA and bf16
+    # sigmoid routers, served in bf16); the op ranks them unrounded, in fp32, as serving
+    # engines' routing kernels do. Where the rounding makes scores tie or swap, it may choose
+    # other experts than eager; False leaves such routing alone
+    # (docs/passes/nan_safe_routing.md, "Probabilities rounded to bf16/fp16").
+    upcast_low_precision_routing: bool = True
     # Token count up to which fusion_passes::router_gemm uses its own kernel instead of
     # cuBLAS; None keeps the kernel's measured default. Applied process-wide when a
     # graph compiled under this config is installed.

@@ -100,6 +100,7 @@ def test_uuid_covers_config_and_user_pass(my_allreduce_op):
     assert PassManager(fusion_passes.PassConfig(dump_dir="/tmp/x")).uuid() is None  # dumping bypasses the cache
     assert base != PassManager(fusion_passes.PassConfig(router_gemm=False)).uuid()
     assert base != PassManager(fusion_passes.PassConfig(max_experts=64)).uuid()
+    assert base != PassManager(fusion_passes.PassConfig(upcast_low_precision_routing=False)).uuid()
     assert base != PassManager(fusion_passes.PassConfig(allreduce_ops=(my_allreduce_op,))).uuid()
 
     class Uncacheable:

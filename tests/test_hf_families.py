@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import compile_and_run
 
+import fusion_passes
 from fusion_passes.testing import assert_matches
 
 transformers = pytest.importorskip("transformers")
@@ -288,6 +289,32 @@ def test_family_matches_once_per_moe_layer_and_agrees_with_eager(name):
     with torch.no_grad():
         expected = module(input_ids)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+# Families that compute their routing probabilities in the model's dtype: served in bf16,
+# they rank probabilities rounded to bf16 (docs/passes/nan_safe_routing.md, "Probabilities
+# rounded to bf16/fp16").
+ROUNDED_IN_BF16 = ["dbrx", "lfm2_moe", "mistral4", "zaya"]
+
+
+@pytest.mark.parametrize("name", ROUNDED_IN_BF16)
+def test_bf16_families_route_unrounded(name):
+    """In bf16 these families match once per MoE layer, ranked unrounded, and compute what
+    eager does within bf16 rounding; with upcast_low_precision_routing=False, not at all."""
+    if name not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    model = build(name).to(torch.bfloat16)
+    layers = moe_layers(model)
+    module = Logits(model)
+    input_ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = module(input_ids)
+    backend, out, _ = compile_and_run(module, input_ids, codegen=False, dynamic_dim0=False)
+    assert_matches(backend.report, router_gemm=layers, nan_safe_routing=layers)
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    config = fusion_passes.PassConfig(upcast_low_precision_routing=False)
+    backend, _, _ = compile_and_run(module, input_ids, config=config, codegen=False, dynamic_dim0=False)
+    assert_matches(backend.report, router_gemm=layers, nan_safe_routing=0)
 
 
 def test_not_covered_families_are_moe_families():

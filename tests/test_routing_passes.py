@@ -26,18 +26,20 @@ H, E = 32, 8
 class Router(torch.nn.Module):
     """A router linear followed by one of the routing forms real models use."""
 
-    def __init__(self, form, bias=False, k=2, experts=E, renormalize=True, eps=0.0):
+    def __init__(self, form, bias=False, k=2, experts=E, renormalize=True, eps=0.0, rounded=False):
         super().__init__()
         self.gate = torch.nn.Linear(H, experts, bias=bias)
         self.form, self.k, self.renormalize, self.eps = form, k, renormalize, eps
+        # The probabilities rounded to the logits' dtype before they are ranked (ROUNDED_FORMS).
+        self.rounded = rounded
         self.register_buffer("correction", torch.randn(experts) * 0.1)
 
     def forward(self, x):
         logits = self.gate(x)
         if logits.dim() == 3:
             logits = logits.flatten(0, 1)
-        if self.form == "softmax_topk":  # Qwen3-MoE
-            p = torch.softmax(logits, dim=-1, dtype=torch.float)
+        if self.form == "softmax_topk":  # Qwen3-MoE; rounded: DBRX in bf16
+            p = torch.softmax(logits, dim=-1) if self.rounded else torch.softmax(logits, dim=-1, dtype=torch.float)
             w, ids = torch.topk(p, self.k, dim=-1)
             if self.renormalize:
                 w = w / (w.sum(dim=-1, keepdim=True) + self.eps)
@@ -59,26 +61,26 @@ class Router(torch.nn.Module):
             if self.renormalize:
                 w = w / w.sum(dim=-1, keepdim=True)
             return w, ids
-        if self.form == "sigmoid_bias":  # DeepSeek-V3 without groups
-            s = logits.float().sigmoid()
+        if self.form == "sigmoid_bias":  # DeepSeek-V3 without groups; rounded: p + bias in bf16 too
+            s = logits.sigmoid() if self.rounded else logits.float().sigmoid()
             ids = torch.topk(s + self.correction, self.k, dim=-1)[1]
             w = s.gather(1, ids)
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
             return w * 2.5, ids
-        if self.form == "softmax_bias_clamp":  # ERNIE 4.5, LongCat-Flash
-            p = torch.softmax(logits, dim=1, dtype=torch.float)
-            ids = torch.topk(p + self.correction, self.k, dim=-1)[1]
+        if self.form == "softmax_bias_clamp":  # ERNIE 4.5, LongCat-Flash; rounded: ZAYA in bf16
+            p = torch.softmax(logits, dim=1) if self.rounded else torch.softmax(logits, dim=1, dtype=torch.float)
+            ids = torch.topk(p.float() + self.correction, self.k, dim=-1)[1]
             w = torch.gather(p, dim=-1, index=ids)
             return (w / torch.clamp(w.sum(dim=-1, keepdim=True), min=1e-12)).to(x.dtype), ids
         if self.form.startswith("grouped_"):
-            return grouped(self.form, logits, self.correction, self.k)
+            return grouped(self.form, logits, self.correction, self.k, self.rounded)
         raise AssertionError(self.form)
 
 
 GROUPS, TOPK_GROUP = 4, 2
 
 
-def grouped(form, logits, correction, k):
+def grouped(form, logits, correction, k, rounded=False):
     """Group-limited routing (GROUPS groups, the best TOPK_GROUP kept) as models write it."""
     tokens, experts = logits.shape
     if form == "grouped_sigmoid_bias":  # DeepSeek-V3 / GLM-4.5 / dots1 in transformers
@@ -111,8 +113,8 @@ def grouped(form, logits, correction, k):
         score_mask = group_mask.unsqueeze(-1).expand(-1, GROUPS, experts // GROUPS).reshape(-1, experts)
         w, ids = torch.topk(scores.masked_fill(~score_mask.bool(), 0.0), k=k, dim=-1, sorted=False)
         return w * 16.0, ids
-    if form == "grouped_softmax_top2":  # Mistral 4 (whose fp32 router feeds it fp32 logits): fill 0.0, gather
-        scores = logits.float().softmax(-1)
+    if form == "grouped_softmax_top2":  # Mistral 4: fill 0.0, gather; rounded: Mistral 4 in bf16
+        scores = logits.softmax(-1) if rounded else logits.float().softmax(-1)
         group_scores = scores.view(-1, GROUPS, experts // GROUPS).topk(2, dim=-1)[0].sum(dim=-1)
         group_idx = torch.topk(group_scores, k=TOPK_GROUP, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores)
@@ -164,6 +166,61 @@ def test_every_routing_form_matches_and_agrees_with_eager(form, dtype):
     torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(w.float(), w_ref.float(), rtol=tol, atol=tol)
+
+
+# Forms whose Router(rounded=True) ranks probabilities rounded to the model's dtype.
+ROUNDED_FORMS = ["softmax_topk", "sigmoid_bias", "softmax_bias_clamp", "grouped_softmax_top2"]
+
+
+def sorted_by_id(weights, ids):
+    order = ids.argsort(dim=-1)
+    return weights.gather(1, order), ids.gather(1, order)
+
+
+@pytest.mark.parametrize("form", ROUNDED_FORMS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounded_probabilities_are_ranked_unrounded(form, dtype):
+    """DBRX, Mistral 4 and ZAYA in bf16 rank probabilities rounded to the model's dtype. The op
+    ranks them in fp32, so it computes what the same model computes with its probabilities
+    kept in fp32; where the rounding ties or swaps scores it may choose other experts than
+    eager, so upcast_low_precision_routing=False leaves such routing alone."""
+    torch.manual_seed(0)
+    shape = dict(k=4, experts=16) if form in GROUPED_FORMS else dict(k=2, experts=E)
+    rounded = Router(form, rounded=True, **shape).to(dtype)
+    x = torch.randn(7, H, dtype=dtype)
+    counts, (w, ids), (w_eager, ids_eager), _ = run(rounded, x, upcast_low_precision_routing=False)
+    assert counts["router_gemm"] == 1 and counts["nan_safe_routing"] == 0
+    torch.testing.assert_close(ids, ids_eager, rtol=0, atol=0)
+
+    counts, (w, ids), _, graphs = run(rounded, x)
+    assert counts["nan_safe_routing"] == 1
+    (call,) = [n for g in graphs for n in g.nodes if n.target is ops.topk_routing]
+    assert call.args[0].meta["val"].dtype == dtype  # the model's logits, not a rounded score
+    assert w.dtype == w_eager.dtype
+    unrounded = Router(form, **shape).to(dtype)
+    unrounded.load_state_dict(rounded.state_dict())
+    with torch.no_grad():
+        w_ref, ids_ref = unrounded(x)
+    (w, ids), (w_ref, ids_ref) = sorted_by_id(w, ids), sorted_by_id(w_ref, ids_ref)
+    torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
+    torch.testing.assert_close(w.float(), w_ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_rounding_of_something_else_than_probabilities_does_not_match():
+    """A rounding is looked through only where probabilities are rounded: a top-k of rounded
+    logits (no softmax or sigmoid) still does not match."""
+
+    class RoundedLogits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(H, E, bias=False)
+
+        def forward(self, x):
+            scores = self.gate(x.float()).to(torch.bfloat16)
+            return torch.topk(scores, 2, dim=-1)
+
+    counts, *_ = run(RoundedLogits(), torch.randn(5, H))
+    assert counts["nan_safe_routing"] == 0
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
@@ -398,20 +455,23 @@ mul_0: f32[s, 2] = aten.mul.Tensor(getitem_0, 2.5)""",
         )
 
 
-def test_gpu_online_softmax_form():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_online_softmax_form(dtype):
     """On GPUs Inductor turns amax + sum into one prepare_softmax_online reduction
-    before the passes run; the routing must still be recognised."""
+    before the passes run; the routing must still be recognised, also where a bf16 softmax
+    is computed in fp32 and rounded to bf16 before the top-k."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from fusion_passes.passes import nan_safe_routing
     from fusion_passes.passes._graph import PREPARE_SOFTMAX_ONLINE
 
     def routing(logits):
-        row_max, total = PREPARE_SOFTMAX_ONLINE(logits, -1)
-        w, ids = torch.topk(torch.exp(logits - row_max) / total, 2)
+        x = logits.float()
+        row_max, total = PREPARE_SOFTMAX_ONLINE(x, -1)
+        w, ids = torch.topk((torch.exp(x - row_max) / total).to(logits.dtype), 2)
         return w / w.sum(-1, keepdim=True), ids
 
-    logits = torch.randn(5, E)
+    logits = torch.randn(5, E, generator=torch.Generator().manual_seed(0)).to(dtype)  # no bf16 tie at the 2nd
     gm = make_fx(routing, tracing_mode="fake")(logits)
     assert nan_safe_routing.apply(gm.graph, fusion_passes.PassConfig()) == 1
     gm.recompile()

@@ -46,7 +46,11 @@ Why: the composite is 5-10 launches at decode sizes, and ``topk`` over a row of 
 (a padding token whose hidden state went bad) returns the same expert k times and
 NaN weights, which crashes the MoE kernels downstream. ``topk_routing`` is one
 kernel that always returns k distinct ids and finite weights (ops.py has the exact
-NaN policy). On finite inputs it computes what the original subgraph computes.
+NaN policy). On finite inputs it computes what the original subgraph computes, with one
+exception: probabilities that the model rounds to bf16/fp16 before ranking them (a bf16
+softmax: DBRX, Mistral 4, ZAYA) are ranked unrounded, as serving engines do, so where the
+rounding ties or swaps two scores it may choose another expert
+(``PassConfig.upcast_low_precision_routing``; False leaves such routing alone).
 
 Guard: top-k along the last dim of a 2-D tensor (or of an N-D one, routed as [rows, E]
 through reshapes, in the forms without groups other than Llama 4's: ZAYA), largest, over at most
@@ -66,12 +70,14 @@ from __future__ import annotations
 import dataclasses
 import operator
 
+import torch
 from torch.fx import Graph, Node
 
 from .. import ops
 from ..config import PassConfig
 from ._group_limited import GroupLimited, group_limited
 from ._graph import (
+    LOW_PRECISION,
     PREPARE_SOFTMAX_ONLINE,
     after_inputs,
     arg,
@@ -141,8 +147,14 @@ class Scored:
     bias: Node | None
 
 
-def _probabilities_of(node: Node) -> tuple[str, Node] | None:
-    """(scoring, logits) if ``node`` is a softmax or sigmoid over the last dim."""
+def _probabilities_of(node: Node, upcast_rounded: bool) -> tuple[str, Node] | None:
+    """(scoring, logits) if ``node`` is a softmax or sigmoid over the last dim, in fp32 or,
+    with ``upcast_rounded`` (``PassConfig.upcast_low_precision_routing``), rounded to
+    bf16/fp16 (computed in that dtype, or in fp32 and cast): the op ranks them unrounded."""
+    if upcast_rounded:
+        node = _before_rounding(node)
+    elif fake(node) is None or fake(node).dtype in LOW_PRECISION:
+        return None
     logits = softmax_of(node)
     if logits is not None:
         return "softmax", logits
@@ -151,15 +163,26 @@ def _probabilities_of(node: Node) -> tuple[str, Node] | None:
     return None
 
 
-def _scoring_of(score: Node) -> Scored | None:
+def _before_rounding(node: Node) -> Node:
+    """The fp32 tensor that ``node`` is rounded to bf16/fp16 from, seen through an exact
+    upcast of the rounded tensor (ZAYA adds its bias to ``probs.to(float32)``); else ``node``."""
+    rounded = strip_upcast(node)
+    if convert_dtype(rounded) in LOW_PRECISION:
+        source = fake(rounded.args[0])
+        if source is not None and source.dtype == torch.float32:
+            return rounded.args[0]
+    return node
+
+
+def _scoring_of(score: Node, upcast_rounded: bool) -> Scored | None:
     """How the tensor a top-k ranks was computed from the logits, or None."""
-    found = _probabilities_of(score)
+    found = _probabilities_of(score, upcast_rounded)
     if found is not None:
         return Scored(*found, score, None)
     if is_call(score, aten.add.Tensor):
         for probs, bias in (score.args, reversed(score.args)):
             bias = _per_expert(bias, fake(score).shape[-1])
-            found = _probabilities_of(probs) if bias is not None else None
+            found = _probabilities_of(probs, upcast_rounded) if bias is not None else None
             if found is not None:
                 return Scored(*found, probs, bias)
     return None
@@ -190,11 +213,13 @@ def _renormalization(values: Node) -> tuple[Node, bool] | None:
 
 
 def _gathered(probs: Node, ids: Node | None, ndim: int) -> Node | None:
-    """The one ``probs.gather(-1, ids)``: the weights of a selection by another score."""
+    """The one ``probs.gather(-1, ids)`` (or a gather of the low-precision tensor that
+    ``probs`` is an exact upcast of): the weights of a selection by another score."""
     if ids is None:
         return None
+    sources = {probs, strip_upcast(probs)}
     gathers = [
-        u for u in ids.users if is_call(u, aten.gather.default) and u.args[0] is probs and is_last_dim(u.args[1], ndim)
+        u for u in ids.users if is_call(u, aten.gather.default) and u.args[0] in sources and is_last_dim(u.args[1], ndim)
     ]
     return gathers[0] if len(gathers) == 1 else None
 
@@ -226,10 +251,11 @@ def match(topk: Node, config: PassConfig) -> RoutingMatch | None:
             return None
 
     groups = None
-    scored = _scoring_of(score)
+    upcast_rounded = config.upcast_low_precision_routing
+    scored = _scoring_of(score, upcast_rounded)
     if scored is None and leading is None:
         groups = group_limited(score)
-        scored = _scoring_of(groups.scores) if groups is not None else None
+        scored = _scoring_of(groups.scores, upcast_rounded) if groups is not None else None
         # Filling dropped groups with 0.0 instead of -inf selects the same experts only
         # while every kept score is positive: true of probabilities, not of p + bias.
         if scored is not None and groups.fill == 0.0 and scored.bias is not None:
