@@ -47,9 +47,9 @@ Why: the composite is 5-10 launches at decode sizes, and ``topk`` over a row of 
 NaN weights, which crashes the MoE kernels downstream. ``topk_routing`` is one
 kernel that always returns k distinct ids and finite weights (ops.py has the exact
 NaN policy). On finite inputs it computes what the original subgraph computes, with one
-exception: probabilities that the model rounds to bf16/fp16 before ranking them (a bf16
-softmax: DBRX, Mistral 4, ZAYA) are ranked unrounded, as serving engines do, so where the
-rounding ties or swaps two scores it may choose another expert
+exception: probabilities that the model rounds to bf16/fp16 before ranking them (a softmax
+or sigmoid in bf16: DBRX, Mistral 4, ZAYA, LFM2-MoE) are ranked unrounded, as serving
+engines do, so where the rounding ties or swaps two scores it may choose another expert
 (``PassConfig.upcast_low_precision_routing``; False leaves such routing alone).
 
 Guard: top-k along the last dim of a 2-D tensor (or of an N-D one, routed as [rows, E]
