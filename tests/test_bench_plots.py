@@ -16,6 +16,7 @@ DATA = Path(__file__).resolve().parent.parent / "docs" / "data"
     "bench, results, image",
     [
         (routing, "routing_h100_2026-11-23.json", "routing.png"),
+        (routing, "routing_deepseek_h100_2026-12-07_2350.json", "routing_deepseek.png"),
         (allreduce_rmsnorm, "allreduce_rmsnorm_2xh200_2026-11-23.json", "allreduce_rmsnorm.png"),
         (e2e, "e2e_h100_2026-12-07_pdl_off.json", "e2e.png"),
     ],

@@ -21,6 +21,7 @@ routed_scaling_factor that the pass leaves after it.
 
     python -m fusion_passes.bench.routing --out bench_out/routing
     python -m fusion_passes.bench.routing --replot routing.json --out DIR   # redraw routing.png, no GPU
+    (a routing_deepseek.json redraws routing_deepseek.png)
 """
 
 from __future__ import annotations
@@ -194,6 +195,13 @@ def plot_title(meta: dict) -> str:
     )
 
 
+def deepseek_plot_title(meta: dict) -> str:
+    return (
+        "DeepSeek-V3 routing (sigmoid + bias, fp32 logits)\n"
+        f"{meta['gpu']}, torch {meta['torch']}: median of CUDA-graph replays, {meta['calls_per_graph']} calls a graph"
+    )
+
+
 def plot_deepseek(rows: list[dict], path: Path, title: str) -> None:
     cases = list(dict.fromkeys(r["case"] for r in rows))
     panels = [[(case, [r for r in rows if r["case"] == case]) for case in cases]]
@@ -323,13 +331,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--samples", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path("bench_out/routing"))
     parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
-                        help="only redraw routing.png into --out from a routing.json of an earlier run")
+                        help="only redraw the plot into --out from an earlier run's routing.json "
+                             "(routing.png) or routing_deepseek.json (routing_deepseek.png)")
     args = parser.parse_args(argv)
     if args.replot:
         results = json.loads(args.replot.read_text())
         args.out.mkdir(parents=True, exist_ok=True)
-        plot(results["rows"], args.out / "routing.png", plot_title(results["meta"]))
-        print(f"wrote {args.out / 'routing.png'}")
+        if "case" in results["rows"][0]:
+            path = args.out / "routing_deepseek.png"
+            plot_deepseek(results["rows"], path, deepseek_plot_title(results["meta"]))
+        else:
+            path = args.out / "routing.png"
+            plot(results["rows"], path, plot_title(results["meta"]))
+        print(f"wrote {path}")
         return 0
 
     if not torch.cuda.is_available():
@@ -389,15 +403,14 @@ def main(argv: list[str]) -> int:
     meta = make_meta(argv, args, launch_floor)
     write_results(args.out, meta, rows, summary)
     plot(rows, args.out / "routing.png", plot_title(meta))
-    method = f"{torch.cuda.get_device_name()}, median of CUDA-graph replays ({args.calls_per_graph} calls a graph)"
     print(f"wrote {args.out}/routing.csv, routing.json, routing.png")
     if args.deepseek_tokens:
         print()
         deepseek_rows, deepseek_summary = run_deepseek(args, timing)
         summary += deepseek_summary
-        write_results(args.out, make_meta(argv, args, launch_floor), deepseek_rows, deepseek_summary, "routing_deepseek")
-        plot_deepseek(deepseek_rows, args.out / "routing_deepseek.png",
-                      f"DeepSeek-V3 routing (sigmoid + bias, fp32 logits)\n{method}")
+        deepseek_meta = make_meta(argv, args, launch_floor)
+        write_results(args.out, deepseek_meta, deepseek_rows, deepseek_summary, "routing_deepseek")
+        plot_deepseek(deepseek_rows, args.out / "routing_deepseek.png", deepseek_plot_title(deepseek_meta))
         print(f"wrote {args.out}/routing_deepseek.csv, routing_deepseek.json, routing_deepseek.png")
     if args.forms_tokens:
         print()
