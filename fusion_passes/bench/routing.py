@@ -191,15 +191,17 @@ def plot_title(meta: dict) -> str:
     """What routing.png shows, in words: the op, the logits, the GPU, torch, the method."""
     return (
         f"fusion_passes::topk_routing against the softmax → top-k → renormalize it replaces, {meta['dtype']} logits\n"
-        f"{meta['gpu']}, torch {meta['torch']}: median of CUDA-graph replays, {meta['calls_per_graph']} calls a graph"
+        + method_line(meta)
     )
+
+
+def method_line(meta: dict) -> str:
+    """The GPU, torch and timing method of a run, for a plot's title."""
+    return f"{meta['gpu']}, torch {meta['torch']}: median of CUDA-graph replays, {meta['calls_per_graph']} calls a graph"
 
 
 def deepseek_plot_title(meta: dict) -> str:
-    return (
-        "DeepSeek-V3 routing (sigmoid + bias, fp32 logits)\n"
-        f"{meta['gpu']}, torch {meta['torch']}: median of CUDA-graph replays, {meta['calls_per_graph']} calls a graph"
-    )
+    return "DeepSeek-V3 routing (sigmoid + bias, fp32 logits)\n" + method_line(meta)
 
 
 def plot_deepseek(rows: list[dict], path: Path, title: str) -> None:
